@@ -1,0 +1,70 @@
+"""`python -m covipal IMAGE QUESTION`: answer with pruned visual tokens, in PyTorch (the reference path)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
+from covipal.models import MODEL_NAMES
+from covipal.pruning import POSITION_POLICIES
+from covipal.strategies import STRATEGY_NAMES
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m covipal", description=__doc__)
+    parser.add_argument("image", help="path of the image (any format Pillow reads)")
+    parser.add_argument("question", help="the question about the image")
+    parser.add_argument("--model", default="tiny-random-llava", choices=MODEL_NAMES, metavar="NAME",
+                        help=f"registered model: {', '.join(MODEL_NAMES)} (default: %(default)s)")
+    parser.add_argument("--model-path", default=None,
+                        help="local checkpoint directory for a LLaVA alias (default: the Hugging Face cache)")
+    parser.add_argument("--strategy", default="uniform", choices=STRATEGY_NAMES, metavar="S",
+                        help=f"how visual tokens are scored: {', '.join(STRATEGY_NAMES)} (default: %(default)s)")
+    parser.add_argument("--budget", type=positive_int, default=None,
+                        help="visual tokens to keep (default: all, no pruning)")
+    parser.add_argument("--ppm", default=None, help="PPM checkpoint directory (needed by --strategy ppm)")
+    parser.add_argument("--position-policy", default="keep", choices=POSITION_POLICIES,
+                        help="positions of kept tokens: keep the original ones or make them contiguous "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="default: %(default)s")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the random strategy")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    quiet_libraries()
+    from covipal.generation import SamplingConfig, generate
+    from covipal.modeling_ppm import PruningModule
+    from covipal.models import load_model
+    from covipal.strategies import make_strategy
+
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    model = load_model(args.model, path=args.model_path)
+    ppm = PruningModule.load(args.ppm) if args.ppm else None
+    strategy = make_strategy(args.strategy, language_model=model.language_model, ppm=ppm, seed=args.seed)
+    start = time.perf_counter()
+    out = generate(model, [args.image], [args.question], strategy=strategy, budget=args.budget,
+                   position_policy=args.position_policy, sampling=sampling)
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    kept = out.kept_index.shape[1]
+    if args.json:
+        print(json.dumps({"answer": out.texts[0], "model": args.model, "strategy": args.strategy if args.budget else None,
+                          "tokens_kept": kept, "tokens_total": out.num_visual_tokens,
+                          "kept_index": out.kept_index[0].tolist(), "new_tokens": out.sequences.shape[1],
+                          "elapsed_ms": round(elapsed_ms, 1)}))
+    else:
+        print(out.texts[0])
+        how = f"{args.strategy}, positions {args.position_policy}" if args.budget else "no pruning"
+        print(f"[{args.model}: {kept}/{out.num_visual_tokens} visual tokens kept ({how}), "
+              f"{out.sequences.shape[1]} new tokens in {elapsed_ms:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,140 @@
+"""The model registry: names users type (`--model NAME`) -> a `VisionLanguageModel`.
+
+    tiny-random-llava   built offline from a tiny config with a fixed seed (tests, CI)
+    llava-1.5-7b        llava-hf/llava-1.5-7b-hf  from a local path or the Hugging Face cache
+    llava-1.5-13b       llava-hf/llava-1.5-13b-hf (same); `random_weights=True` builds the exact
+                        architecture without any download, for benchmarks
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from covipal.errors import CovipalError
+from covipal.models.base import ModelInfo, VisionLanguageModel
+from covipal.models.llava import adapter_from_hf, num_visual_tokens, processor_from_hf
+from covipal.models.tiny import build_tiny_llava
+
+
+@dataclass(frozen=True)
+class LlavaSpec:
+    """An alias of a Hugging Face LLaVA-1.5 checkpoint and the shape of its language model."""
+
+    repo_id: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+
+    def config(self, num_layers: int | None = None) -> LlavaConfig:
+        """The checkpoint's exact config (CLIP ViT-L/14-336 + Vicuna), optionally with fewer decoder layers."""
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        text = LlamaConfig(vocab_size=32064, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                           num_hidden_layers=num_layers or self.num_layers, num_attention_heads=self.num_heads,
+                           num_key_value_heads=self.num_heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                           pad_token_id=32001)
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
+                           projector_hidden_act="gelu", vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
+LLAVA_SPECS = {
+    "llava-1.5-7b": LlavaSpec("llava-hf/llava-1.5-7b-hf", 4096, 11008, 32, 32),
+    "llava-1.5-13b": LlavaSpec("llava-hf/llava-1.5-13b-hf", 5120, 13824, 40, 40),
+}
+MODEL_NAMES = ("tiny-random-llava", *LLAVA_SPECS)
+
+
+def load_model(
+    name: str,
+    *,
+    path: str | Path | None = None,
+    random_weights: bool = False,
+    num_layers: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> VisionLanguageModel:
+    """Load a registered model by name, in eval mode.
+
+    path: a local checkpoint directory (LLaVA aliases); default: the Hugging Face cache.
+    random_weights: build the exact architecture without weights (no download); device="meta"
+        allocates nothing, e.g. to count parameters.
+    num_layers: fewer decoder layers (random weights only), for benchmarks on small machines.
+    """
+    if name == "tiny-random-llava":
+        hf_model, processor = build_tiny_llava()
+        adapter = adapter_from_hf(hf_model, ModelInfo(name, "random weights (seed 0), built offline"), processor)
+        return adapter.to(device=device, dtype=dtype)
+    if name not in LLAVA_SPECS:
+        raise CovipalError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    spec = LLAVA_SPECS[name]
+    if num_layers is not None and not random_weights:
+        raise CovipalError("num_layers can only be changed with random weights")
+    if random_weights:
+        return _random_llava(name, spec, num_layers, dtype, device)
+    checkpoint = _find_checkpoint(name, spec, path)
+    return _pretrained_llava(name, checkpoint, dtype, device)
+
+
+def _random_llava(name: str, spec: LlavaSpec, num_layers: int | None, dtype: torch.dtype,
+                  device: str | torch.device) -> VisionLanguageModel:
+    config = spec.config(num_layers)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf_model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    layers = config.text_config.num_hidden_layers
+    info = ModelInfo(name, f"random weights, architecture of {spec.repo_id} ({layers} decoder layers)")
+    processor = None
+    cached = _cached_snapshot(spec.repo_id)
+    if cached is not None:  # the tokenizer and chat template are small; use them when they are at hand
+        processor = _load_processor(cached, num_visual_tokens(config))
+    return adapter_from_hf(hf_model, info, processor)
+
+
+def _pretrained_llava(name: str, checkpoint: Path, dtype: torch.dtype, device: str | torch.device) -> VisionLanguageModel:
+    hf_model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
+    hf_model = hf_model.to(device).eval()
+    processor = _load_processor(checkpoint, num_visual_tokens(hf_model.config))
+    return adapter_from_hf(hf_model, ModelInfo(name, str(checkpoint)), processor)
+
+
+def _load_processor(directory: Path, num_image_tokens: int):
+    from transformers import AutoProcessor
+
+    return processor_from_hf(AutoProcessor.from_pretrained(directory), num_image_tokens)
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The checkpoint's directory in the local Hugging Face cache, or None; never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _find_checkpoint(name: str, spec: LlavaSpec, path: str | Path | None) -> Path:
+    if path is not None:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise CovipalError(f"{name}: no checkpoint at {path} (expected config.json and weights there)")
+        return path
+    cached = _cached_snapshot(spec.repo_id)
+    if cached is None or not (cached / "config.json").is_file():
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        cache = os.environ.get("HF_HUB_CACHE", HF_HUB_CACHE)
+        raise CovipalError(
+            f"{name}: checkpoint {spec.repo_id} not found in the Hugging Face cache ({cache}); "
+            f"download it where the Hub is reachable (`hf download {spec.repo_id}`) and copy the cache here, "
+            f"or pass a local checkpoint directory"
+        )
+    return cached

@@ -1,0 +1,105 @@
+"""From a prompt batch to the pruned prefill: score, keep top-k in order, splice, assign positions.
+
+    input_ids [B, L] (N image tokens per row, contiguous), attention_mask [B, L] (left padding)
+      -> text_embeds [B, T, D] + text_mask [B, T]       the prompt's non-image tokens, for scoring
+      -> kept_index [B, k]                              keep_topk_in_order(strategy scores [B, N])
+      -> inputs_embeds [B, L-N+k, D], attention_mask, position_ids [B, L-N+k]
+
+Position policies after pruning:
+    keep     kept tokens keep their original positions (FastV style); the text after the image too
+    compact  positions are contiguous over the pruned sequence
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from covipal.errors import CovipalError
+from covipal.selection import gather_tokens, keep_topk_in_order, resolve_budget
+from covipal.strategies import Strategy
+
+POSITION_POLICIES = ("keep", "compact")
+
+
+@dataclass
+class PrunedPrompt:
+    """The prefill inputs after pruning, plus what was kept."""
+
+    inputs_embeds: torch.Tensor  # [B, S, D], S = L - N + k
+    attention_mask: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S]
+    kept_index: torch.Tensor  # [B, k] ascending, into the N visual tokens
+    scores: torch.Tensor | None  # [B, N]; None without pruning
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Contiguous positions over the valid tokens of left-padded rows (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def image_span(input_ids: torch.Tensor, image_token_id: int, num_visual: int) -> torch.Tensor:
+    """Start of each row's contiguous run of `num_visual` image tokens, `[B]`."""
+    image_mask = input_ids == image_token_id  # [B, L]
+    counts = image_mask.sum(-1)
+    if (counts != num_visual).any():
+        raise CovipalError(f"each prompt needs exactly {num_visual} image tokens, got {counts.tolist()}")
+    start = image_mask.int().argmax(-1)  # [B]
+    span = start[:, None] + torch.arange(num_visual, device=input_ids.device)  # [B, N]
+    if not torch.gather(image_mask, 1, span).all():
+        raise CovipalError("the image tokens of a prompt must be contiguous")
+    return start
+
+
+def text_for_scoring(embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's valid non-image tokens, left-aligned: text_embeds [B, T, D] and text_mask [B, T]."""
+    is_text = attention_mask.bool() & (input_ids != image_token_id)  # [B, L]
+    length = int(is_text.sum(-1).max())
+    order = torch.sort((~is_text).to(torch.int8), dim=-1, stable=True).indices[:, :length]  # text first, in order
+    return gather_tokens(embeds, order), torch.gather(is_text, 1, order)
+
+
+def prune_prompt(
+    embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    visual_tokens: torch.Tensor,
+    image_token_id: int,
+    strategy: Strategy | None,
+    budget: int | None,
+    position_policy: str = "keep",
+) -> PrunedPrompt:
+    """Score and prune the visual tokens, splice the kept ones into the prompt, assign positions.
+
+    embeds: [B, L, D] token embeddings of input_ids (image slots are overwritten);
+    visual_tokens: [B, N, D]; budget None keeps all N tokens (no scoring).
+    """
+    if position_policy not in POSITION_POLICIES:
+        raise CovipalError(f"unknown position policy {position_policy!r}; choose one of: {', '.join(POSITION_POLICIES)}")
+    batch, num_visual, hidden = visual_tokens.shape
+    start = image_span(input_ids, image_token_id, num_visual)  # [B]
+    if budget is None:
+        scores = None
+        kept_index = torch.arange(num_visual, device=embeds.device).expand(batch, -1)  # [B, N]
+    else:
+        if strategy is None:
+            raise CovipalError("a budget needs a strategy to score the visual tokens")
+        k = resolve_budget(budget, num_visual)
+        text_embeds, text_mask = text_for_scoring(embeds, input_ids, attention_mask, image_token_id)
+        scores = strategy.scores(visual_tokens, text_embeds, text_mask, k)  # [B, N]
+        kept_index = keep_topk_in_order(scores, k)  # [B, k]
+
+    span = start[:, None] + torch.arange(num_visual, device=embeds.device)  # [B, N] positions of the image slots
+    embeds = embeds.scatter(1, span.unsqueeze(-1).expand(-1, -1, hidden), visual_tokens.to(embeds.dtype))
+    keep = input_ids != image_token_id  # [B, L]
+    keep = keep.scatter(1, start[:, None] + kept_index, True)
+    seq_index = keep.nonzero()[:, 1].view(batch, -1)  # [B, S] ascending: prefix, kept image tokens, suffix
+
+    pruned_mask = torch.gather(attention_mask, 1, seq_index)  # [B, S]
+    if position_policy == "keep":
+        position_ids = torch.gather(positions_from_mask(attention_mask), 1, seq_index)
+    else:
+        position_ids = positions_from_mask(pruned_mask)
+    return PrunedPrompt(gather_tokens(embeds, seq_index), pruned_mask, position_ids, kept_index, scores)

@@ -1,0 +1,135 @@
+"""Scoring strategies: every one maps (visual tokens, text, budget) to scores `[B, N]`, higher = keep.
+
+    ppm       the trained Plug-and-Play Pruning Module
+    random    seeded uniform noise (same seed, same picks)
+    uniform   an even stride over the raster order, exactly `k` picks for any budget
+    text-sim  cosine similarity of each visual token to the mean of the question's embeddings
+    knorm     ViTCoP's key norm: L2 norm of the mean-over-KV-heads key at an early decoder layer;
+              a smaller norm means more important, so the score is the negated norm
+
+Selection is always `covipal.selection.keep_topk_in_order`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from covipal.errors import CovipalError
+from covipal.modeling_ppm import PruningModule
+
+STRATEGY_NAMES = ("ppm", "random", "uniform", "text-sim", "knorm")
+
+
+class Strategy(nn.Module):
+    """The interface: `scores(visual_tokens [B,N,D], text_embeds [B,T,D], text_mask [B,T], budget) -> [B, N]`."""
+
+    name: str
+
+    def scores(self, visual_tokens: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+               budget: int | torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PPMStrategy(Strategy):
+    name = "ppm"
+
+    def __init__(self, ppm: PruningModule):
+        super().__init__()
+        self.ppm = ppm
+
+    def scores(self, visual_tokens, text_embeds, text_mask, budget):
+        return self.ppm(visual_tokens, text_embeds, text_mask)  # [B, N]
+
+
+class RandomStrategy(Strategy):
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+
+    def scores(self, visual_tokens, text_embeds, text_mask, budget):
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.rand(visual_tokens.shape[:2], generator=generator)  # [B, N], drawn on the CPU
+        return noise.to(visual_tokens.device)
+
+
+class UniformStrategy(Strategy):
+    """Picks `floor(i * N / k)` for i in 0..k-1: score 1 on those tokens, 0 elsewhere."""
+
+    name = "uniform"
+
+    def scores(self, visual_tokens, text_embeds, text_mask, budget):
+        num_tokens = visual_tokens.shape[1]
+        k = torch.clamp(torch.as_tensor(budget, device=visual_tokens.device), max=num_tokens)
+        j = torch.arange(num_tokens, device=visual_tokens.device)  # [N]
+        slot = (j * k + num_tokens - 1) // num_tokens  # the first grid slot i with i * N / k >= j
+        picked = (slot < k) & (slot * num_tokens < (j + 1) * k)  # slot i lands exactly on token j
+        return picked.to(torch.float32).expand(visual_tokens.shape[0], -1)  # [B, N]
+
+
+class TextSimilarityStrategy(Strategy):
+    name = "text-sim"
+
+    def scores(self, visual_tokens, text_embeds, text_mask, budget):
+        weights = text_mask.to(text_embeds.dtype).unsqueeze(-1)  # [B, T, 1]
+        query = (text_embeds * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, D]
+        return F.cosine_similarity(visual_tokens.float(), query.float().unsqueeze(1), dim=-1)  # [B, N]
+
+
+class KeyNormStrategy(Strategy):
+    """ViTCoP's key-norm saliency at decoder layer `layer`, over the visual tokens alone.
+
+    The first `layer` decoder layers run on the visual tokens (causal, positions 0..N-1); the key of
+    layer `layer` is `k_proj(input_layernorm(h))`. RoPE does not change the norm, so it is skipped.
+    """
+
+    name = "knorm"
+
+    def __init__(self, language_model: nn.Module, layer: int = 1):
+        super().__init__()
+        num_layers = language_model.config.num_hidden_layers
+        if not 0 <= layer < num_layers:
+            raise CovipalError(f"knorm layer must be in 0..{num_layers - 1}, got {layer}")
+        self.language_model = language_model
+        self.layer = layer
+
+    def scores(self, visual_tokens, text_embeds, text_mask, budget):
+        lm = self.language_model
+        batch, num_tokens, _ = visual_tokens.shape
+        hidden = visual_tokens  # [B, N, D]
+        if self.layer > 0:
+            position_ids = torch.arange(num_tokens, device=hidden.device).expand(batch, -1)  # [B, N]
+            mask = create_causal_mask(config=lm.config, inputs_embeds=hidden,
+                                      attention_mask=torch.ones(batch, num_tokens, dtype=torch.bool, device=hidden.device),
+                                      past_key_values=None, position_ids=position_ids)
+            rotary = lm.rotary_emb(hidden, position_ids=position_ids)
+            for decoder_layer in lm.layers[: self.layer]:
+                hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+        attn = lm.layers[self.layer].self_attn
+        keys = attn.k_proj(lm.layers[self.layer].input_layernorm(hidden))  # [B, N, Hkv * dh]
+        keys = keys.view(batch, num_tokens, -1, attn.head_dim).mean(dim=2)  # [B, N, dh], mean over KV heads
+        return -keys.float().norm(dim=-1)  # [B, N]
+
+
+def make_strategy(name: str, *, language_model: nn.Module | None = None, ppm: PruningModule | None = None,
+                  seed: int = 0, knorm_layer: int = 1) -> Strategy:
+    """A strategy by name; `ppm` needs a PruningModule, `knorm` the model's decoder stack."""
+    if name == "ppm":
+        if ppm is None:
+            raise CovipalError("strategy 'ppm' needs a trained PPM checkpoint")
+        return PPMStrategy(ppm)
+    if name == "random":
+        return RandomStrategy(seed)
+    if name == "uniform":
+        return UniformStrategy()
+    if name == "text-sim":
+        return TextSimilarityStrategy()
+    if name == "knorm":
+        if language_model is None:
+            raise CovipalError("strategy 'knorm' needs the model's decoder")
+        return KeyNormStrategy(language_model, knorm_layer)
+    raise CovipalError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_NAMES)}")
