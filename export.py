@@ -1,8 +1,10 @@
-"""`python export.py --model M --budget K`: ONNX export + manifest (not available yet)."""
+"""`python export.py --model M --budget K`: ONNX graphs + manifest.json, verified against PyTorch.
 
-import sys
+Thin entry point; the work is in `covipal_export` (export_cli.py parses, exporter.py exports).
+"""
+
+from covipal.cli import run
+from covipal_export.export_cli import main
 
 if __name__ == "__main__":
-    print("error: ONNX export is not available yet; for now, answer in PyTorch with "
-          "`python -m covipal IMAGE QUESTION --budget K`", file=sys.stderr)
-    raise SystemExit(2)
+    run(main)

@@ -60,7 +60,8 @@ def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     return picked.to(logits.device)
 
 
-def _eos_ids(model: VisionLanguageModel) -> list[int]:
+def eos_token_ids(model: VisionLanguageModel) -> list[int]:
+    """The token ids that end an answer: the tokenizer's EOS, else the model config's."""
     eos = model.text_config.eos_token_id
     if model.processor is not None and model.processor.tokenizer.eos_token_id is not None:
         eos = model.processor.tokenizer.eos_token_id
@@ -91,7 +92,7 @@ def generate_from_batch(
     logits = model.decode(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids, cache)  # [B, 1, V]
     mask = prompt.attention_mask
     position = prompt.position_ids[:, -1:] + 1  # [B, 1], the last prompt token is never padding
-    eos = torch.tensor(_eos_ids(model), dtype=torch.long, device=input_ids.device)
+    eos = torch.tensor(eos_token_ids(model), dtype=torch.long, device=input_ids.device)
     pad = model.text_config.pad_token_id if model.text_config.pad_token_id is not None else 0
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

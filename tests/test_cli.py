@@ -74,6 +74,6 @@ def test_missing_llava_checkpoint(tmp_path):
                               str(tmp_path)), f"llava-1.5-7b: no checkpoint at {tmp_path}")
 
 
-@pytest.mark.parametrize("script", ["export.py", "run_trt.py"])
+@pytest.mark.parametrize("script", ["run_trt.py"])
 def test_later_stages_say_not_available_yet(script):
     assert_one_line_error(run(script, "--model", "tiny-random-llava"), "not available yet")

@@ -125,7 +125,7 @@ def test_top_p_tiny_mass_is_greedy(tiny, images, questions):
 def test_stops_at_eos_and_pads_finished_rows(tiny, images, questions, monkeypatch):
     free = generate(tiny, images[:2], questions[:2], sampling=SamplingConfig(NEW_TOKENS)).sequences
     eos = free[0, 2].item()  # make row 0's third token the end of sequence
-    monkeypatch.setattr(covipal.generation, "_eos_ids", lambda model: [eos])
+    monkeypatch.setattr(covipal.generation, "eos_token_ids", lambda model: [eos])
     stopped = generate(tiny, images[:2], questions[:2], sampling=SamplingConfig(NEW_TOKENS)).sequences
     first_eos = free[0].tolist().index(eos)
     assert stopped[0, : first_eos + 1].tolist() == free[0, : first_eos + 1].tolist()

