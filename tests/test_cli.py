@@ -72,8 +72,3 @@ def test_bad_images_and_questions(tmp_path):
 def test_missing_llava_checkpoint(tmp_path):
     assert_one_line_error(run("-m", "covipal", IMAGE, "What?", "--model", "llava-1.5-7b", "--model-path",
                               str(tmp_path)), f"llava-1.5-7b: no checkpoint at {tmp_path}")
-
-
-@pytest.mark.parametrize("script", ["run_trt.py"])
-def test_later_stages_say_not_available_yet(script):
-    assert_one_line_error(run(script, "--model", "tiny-random-llava"), "not available yet")

@@ -290,7 +290,6 @@ def test_fp16_export_succeeds_and_reports_its_differences(tmp_path):
     (["--budget", "65"], "budget 65 is larger than the 64 visual tokens of tiny-random-llava"),
     (["--budget", "8", "--strategy", "knorm"], "strategy 'knorm' cannot be exported"),
     (["--budget", "8", "--layers", "1"], "--layers needs --random-weights"),
-    (["--budget", "8", "--trt"], "not available yet"),
     (["--budget", "8", "--out", "{existing}"], "already exists; pass --force to replace it"),
     (["--budget", "8", "--out", "{file}/sub"], "is not a directory"),
 ])

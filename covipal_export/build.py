@@ -1,0 +1,40 @@
+"""`python -m covipal_export.build DIR`: TensorRT engines for an exported directory (export on x86, build on the device)."""
+
+from __future__ import annotations
+
+import argparse
+
+from covipal.cli import ArgumentParser, positive_int, run
+from covipal_export.trt_build import build_engines
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine-build flags, shared by this command and `export.py --trt`."""
+    parser.add_argument("--gather", choices=("native", "plugin"), default="native",
+                        help="keep-top-k in the PPM engine: standard TopK + Gather ops, or the custom plugin "
+                             "(full TensorRT only; not available yet) (default: %(default)s)")
+    parser.add_argument("--workspace-mb", type=positive_int, default=None,
+                        help="cap TensorRT's builder workspace; on Jetson, whose GPU shares the board's memory, "
+                             "keep it well under the free RAM, e.g. 1024 (default: TensorRT's own limit)")
+    parser.add_argument("--compute-capability", default=None, metavar="X.Y",
+                        help="TensorRT-RTX only: the GPU generation to build for ahead of time, e.g. 8.6 or 12.0 "
+                             "(default: 8.9); full TensorRT builds for the GPU it runs on")
+    parser.add_argument("--module", choices=("tensorrt", "tensorrt_rtx"), default=None,
+                        help="TensorRT package to build with (default: tensorrt where it imports, else tensorrt_rtx)")
+
+
+def main() -> int:
+    parser = ArgumentParser(prog="python -m covipal_export.build", description=__doc__)
+    parser.add_argument("directory", help="an export directory (with manifest.json) made by export.py")
+    add_build_arguments(parser)
+    args = parser.parse_args()
+    infos = build_engines(args.directory, module=args.module, gather=args.gather, workspace_mb=args.workspace_mb,
+                          compute_capability=args.compute_capability)
+    for info in infos:
+        print(f"  {info.stage:8} {info.module} {info.version} for {info.target}: {info.seconds:.1f} s")
+    print(f"engines written to {args.directory}/trt")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
