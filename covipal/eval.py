@@ -72,8 +72,7 @@ def evaluate(
         batch = processor([e.image for e in chunk], [e.question for e in chunk])
         gold = torch.tensor([answers.index(e.answer) for e in chunk])
         visual = model.encode_images(batch.pixel_values)  # [B, N, D]
-        image_mask = batch.input_ids == model.image_token_id
-        embeds = model.embed_tokens(batch.input_ids.masked_fill(image_mask, 0))  # [B, L, D]
+        embeds = model.embed_prompt(batch.input_ids)  # [B, L, D]
         for name, budget in configs:
             prompt = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
                                   strategies.get(name), budget, position_policy)
@@ -91,7 +90,7 @@ def format_table(records: list[EvalRecord], majority: tuple[str, float]) -> str:
     budgets = list(dict.fromkeys(r.budget for r in records if r.budget != FULL))
     strategies = list(dict.fromkeys(r.strategy for r in records if r.budget != FULL))
     by_key = {(r.strategy, r.budget): r.accuracy for r in records}
-    header = ["strategy"] + [f"k={b}" for b in budgets] + [f"all tokens", "majority"]
+    header = ["strategy"] + [f"k={b}" for b in budgets] + ["all tokens", "majority"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in strategies:
         cells = [name] + [f"{100 * by_key[(name, b)]:.1f}" for b in budgets]

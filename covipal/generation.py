@@ -83,8 +83,7 @@ def generate_from_batch(
     sampling = sampling or SamplingConfig()
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
     visual = model.encode_images(batch.pixel_values)  # [B, N, D]
-    image_mask = input_ids == model.image_token_id
-    embeds = model.embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, D]; image slots filled in below
+    embeds = model.embed_prompt(input_ids)  # [B, L, D]; image slots filled in by prune_prompt
     prompt = prune_prompt(embeds, input_ids, attention_mask, visual, model.image_token_id,
                           strategy, budget, position_policy)
 

@@ -25,6 +25,7 @@ from covipal.data import easy_vqa
 from covipal.errors import CovipalError
 from covipal.models.base import VisionLanguageModel
 from covipal.models.mini_llava import MiniLlavaProjector, ProjectorConfig, build_mini_llava
+from covipal.models.processing import load_image
 
 STATE_FILE = "train_state.pt"
 DEFAULT_CACHE = Path.home() / ".cache" / "covipal"
@@ -41,8 +42,6 @@ def image_features(model: VisionLanguageModel, paths: list[Path], cache_dir: Pat
     tower = model.vision.vision_tower
     chunks = []
     for start in tqdm(range(0, len(paths), batch_size), desc="vision features", unit="batch"):
-        from covipal.models.processing import load_image
-
         pixels = torch.stack([torch.from_numpy(preprocess(load_image(p))) for p in paths[start : start + batch_size]])
         chunks.append(tower.get_image_features(pixels).half())  # [b, N, C]
     features = torch.cat(chunks)
@@ -71,7 +70,7 @@ def answer_loss(model: VisionLanguageModel, projector: MiniLlavaProjector, featu
     input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids, _ in rows])  # [B, L], right-padded
     attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows])
     image_mask = input_ids == model.image_token_id
-    embeds = model.embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, D]
+    embeds = model.embed_prompt(input_ids)  # [B, L, D]
     visual = projector(features.float())  # [B, N, D]
     embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
     hidden = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.generation import SamplingConfig, generate_from_batch
-from covipal.models import PromptBatch, PromptProcessor, VisionLanguageModel
+from covipal.models import PromptBatch, VisionLanguageModel
 from covipal.pruning import POSITION_POLICIES, prune_prompt, text_for_scoring
 from covipal.selection import keep_topk_in_order
 from covipal.strategies import Strategy
@@ -37,6 +36,7 @@ from covipal_export import names
 from covipal_export.manifest import Manifest, file_problems, load_manifest
 from covipal_export.ort_chain import OrtChain
 from covipal_export.reference import reference_from_manifest
+from covipal_export.runtime.export_dir import prompt_processor
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # max |diff| <= tolerance * max(1, max |reference|)
 SAMPLE_QUESTIONS = ["What is on the table?", "How many people are in the picture? Answer with one word.",
@@ -215,9 +215,7 @@ class Verifier:
         if spec is None or self.model.processor is None or self.manifest.preprocessing is None:
             self.add("tokenizer", "tokenizer and preprocessing", "none in the manifest", True)
             return
-        tokenizer = AutoTokenizer.from_pretrained(self.report.directory / spec.directory)
-        processor = PromptProcessor(tokenizer, spec.chat_template, spec.image_token, spec.num_image_tokens,
-                                    self.manifest.preprocessing, spec.add_special_tokens)
+        processor = prompt_processor(self.report.directory, self.manifest)
         rng = np.random.default_rng(1)
         images = [(rng.random((40, 60, 3)) * 255).astype(np.uint8) for _ in range(batch_size)]
         questions = SAMPLE_QUESTIONS[:batch_size]

@@ -33,7 +33,7 @@ class TorchBackend(Backend):
     def prune(self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: np.ndarray, budget: int,
               position_policy: str) -> PrunedPrompt:
         model, ids = self.model, torch.from_numpy(input_ids)
-        embeds = model.embed_tokens(ids.masked_fill(ids == model.image_token_id, 0))  # [B, L, D]
+        embeds = model.embed_prompt(ids)  # [B, L, D]
         prompt = prune_prompt(embeds, ids, torch.from_numpy(attention_mask), torch.from_numpy(visual),
                               model.image_token_id, self.strategy, budget, position_policy)
         scores = prompt.scores.float().numpy() if prompt.scores is not None else None
