@@ -11,8 +11,8 @@ from covipal_export.trt_build import build_engines
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine-build flags, shared by this command and `export.py --trt`."""
     parser.add_argument("--gather", choices=("native", "plugin"), default="native",
-                        help="keep-top-k in the PPM engine: standard TopK + Gather ops, or the custom plugin "
-                             "(full TensorRT only; not available yet) (default: %(default)s)")
+                        help="keep-top-k in the PPM engine: standard TopK + Gather ops, or the custom TopKGather "
+                             "plugin (full TensorRT only) (default: %(default)s)")
     parser.add_argument("--workspace-mb", type=positive_int, default=None,
                         help="cap TensorRT's builder workspace; on Jetson, whose GPU shares the board's memory, "
                              "keep it well under the free RAM, e.g. 1024 (default: TensorRT's own limit)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"  # tokenizer files, copied into the export directory
+ENGINE_DIR = "trt"  # TensorRT engines, built from the graphs after export (each described by its .engine.json)
 
 # Stages, in pipeline order, and their graph files.
 VISION, EMBED, PRUNE, DECODER = "vision", "embed", "prune", "decoder"

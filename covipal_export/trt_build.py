@@ -10,6 +10,9 @@ for a chosen compute capability even without a GPU. Networks are strongly typed,
 come from fp16 ONNX and fp32 engines from fp32 ONNX. A timing cache is reused across builds.
 The `.engine.json` beside each engine records what built it; `check_engine` refuses an engine made
 by another TensorRT or for another GPU with a one-line error that says how to rebuild.
+With `--gather plugin` (full TensorRT only) the PPM engine is built from trt/ppm.plugin.onnx, ppm.onnx
+with its keep-top-k swapped for the TopKGather plugin (covipal_export/plugin); the ONNX Runtime path
+and the manifest keep the standard graph.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from tqdm import tqdm
 from covipal.errors import CovipalError
 from covipal_export import names
 from covipal_export.manifest import Manifest, load_manifest, sha256_of
+from covipal_export.plugin.onnx_node import write_plugin_graph
+from covipal_export.plugin.trt_plugin import register_plugin
 
-ENGINE_DIR = "trt"
+ENGINE_DIR = names.ENGINE_DIR
 TIMING_CACHE = "timing.cache"  # beside the export directories (engines/timing.cache), shared by their builds
 RTX_DEFAULT_CAPABILITY = "8.9"  # TensorRT-RTX targets SM75-SM121 (no SM90, no Jetson)
 
@@ -69,6 +74,7 @@ class EngineInfo:
     profiles: list[Profile]
     workspace_mb: int | None
     seconds: float
+    gather: str = "native"  # "plugin": the PPM engine holds the TopKGather plugin (register it before loading)
 
 
 _NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
@@ -178,18 +184,26 @@ def build_target(trt: ModuleType, compute_capability: str | None) -> str:
 
 
 def build_engine(trt: ModuleType, manifest: Manifest, directory: Path, stage: str, engine_dir: Path, *,
-                 workspace_mb: int | None, target: str, timing_cache: Path) -> EngineInfo:
-    """Parse one graph, build its engine with the manifest's profile, write engine + metadata to engine_dir."""
+                 workspace_mb: int | None, target: str, timing_cache: Path, gather: str = "native") -> EngineInfo:
+    """Parse one graph, build its engine with the manifest's profile, write engine + metadata to engine_dir.
+
+    With gather "plugin", the PPM graph parsed is its TopKGather copy, written to engine_dir beside the engine.
+    """
     start = time.perf_counter()
     onnx_path = manifest.graph_path(directory, stage)
+    gather = gather if stage == names.PRUNE else "native"
+    parsed = onnx_path
+    if gather == "plugin":
+        register_plugin(trt)  # the parser creates the plugin from the registry
+        parsed = write_plugin_graph(onnx_path, engine_dir)
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(parsed)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CovipalError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+        raise CovipalError(f"TensorRT cannot parse {parsed.name}: {errors}")
     inputs, outputs = network_io(network)
     check_network(manifest, stage, inputs, outputs)
 
@@ -213,19 +227,16 @@ def build_engine(trt: ModuleType, manifest: Manifest, directory: Path, stage: st
     (engine_dir / f"{stage}.engine").write_bytes(bytes(serialized))
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     info = EngineInfo(stage, onnx_path.name, sha256_of(onnx_path), trt.__name__, trt.__version__, target, inputs, outputs, profiles,
-                      workspace_mb, round(time.perf_counter() - start, 2))
+                      workspace_mb, round(time.perf_counter() - start, 2), gather)
     (engine_dir / f"{stage}.engine.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
 
 
 def check_gather(gather: str, trt: ModuleType) -> None:
-    """Refuse the plugin gather up front: TensorRT-RTX aborts the whole process on a custom plugin node."""
-    if gather == "native":
-        return
-    if trt.__name__ == "tensorrt_rtx":
+    """Refuse the plugin gather up front under TensorRT-RTX: it aborts the whole process on a custom plugin node."""
+    if gather == "plugin" and trt.__name__ == "tensorrt_rtx":
         raise CovipalError("TensorRT-RTX cannot take custom plugins (its ONNX parser aborts the process on one); "
                            "use --gather native, or build with full TensorRT")
-    raise CovipalError("the TopK-gather plugin is not available yet; use --gather native")
 
 
 def build_engines(directory: str | Path, *, module: str | None = None, gather: str = "native",
@@ -242,7 +253,7 @@ def build_engines(directory: str | Path, *, module: str | None = None, gather: s
     scratch.mkdir()
     try:
         infos = [build_engine(trt, manifest, directory, stage, scratch, workspace_mb=workspace_mb,
-                              target=target, timing_cache=timing_cache)
+                              target=target, timing_cache=timing_cache, gather=gather)
                  for stage in tqdm(names.STAGES, desc=f"TensorRT engines ({trt.__name__} {trt.__version__})",
                                    unit="engine", file=sys.stderr)]
     except BaseException:

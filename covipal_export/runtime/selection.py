@@ -1,8 +1,9 @@
 """Which backends are usable on this machine, and what `auto` picks and why.
 
-    auto   TensorRT (once engines can be run: not yet), else ONNX Runtime CUDA when onnxruntime-gpu really
-           runs on a GPU, else ONNX Runtime CPU; `reason` says why.
-    trt    a one-line error saying what is missing (module `tensorrt`, a GPU, the engine runner).
+    auto   TensorRT when DIR/trt has engines, a GPU is usable from torch and the module that built them imports
+           (and loads them), else ONNX Runtime CUDA when onnxruntime-gpu really runs on a GPU, else ONNX Runtime
+           CPU; `reason` says what it picked and, for TensorRT, what was missing.
+    trt    TensorRT, or a one-line error saying exactly what is missing (engines, a GPU, torch CUDA, the module).
     ort    ONNX Runtime, CUDA when usable, else CPU.
     torch  the PyTorch reference (rebuilds the model from the covipal registry).
 
@@ -13,16 +14,18 @@ probed by creating a session and reading back the providers it actually got.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from pathlib import Path
 
 import onnxruntime as ort
+import torch
 
 from covipal.errors import CovipalError
 from covipal_export import names
 from covipal_export.manifest import Manifest
 from covipal_export.ort_chain import new_session
 from covipal_export.runtime.backend import Backend, OrtBackend
+from covipal_export.runtime.trt_backend import TrtBackend
+from covipal_export.trt_build import ENGINE_DIR, import_tensorrt, read_engine_info
 
 BACKENDS = ("auto", "trt", "ort", "torch")
 CUDA = "CUDAExecutionProvider"
@@ -40,13 +43,23 @@ def cuda_device_count() -> int:
     return count.value
 
 
-def tensorrt_missing() -> str:
-    """Why TensorRT cannot run here: what is missing first, and the engine runner comes in a later change."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the TensorRT Python module `tensorrt` is not installed"
+def tensorrt_missing(directory: Path) -> str | None:
+    """Why the engines of `directory` cannot run here (the first thing missing), or None when they can be loaded."""
+    engine_dir = directory / ENGINE_DIR
+    files = [engine_dir / f"{stage}{suffix}" for stage in names.STAGES for suffix in (".engine", ".engine.json")]
+    if not all(path.is_file() for path in files):
+        return f"no TensorRT engines in {engine_dir} (build them with `python -m covipal_export.build {directory}`)"
     if cuda_device_count() == 0:
         return "no NVIDIA GPU is usable (TensorRT engines run on a GPU only)"
-    return "running TensorRT engines is not implemented yet in this runtime"
+    if not torch.cuda.is_available():
+        return (f"torch {torch.__version__} cannot use the GPU (the engines' buffers are torch CUDA tensors; "
+                f"install a CUDA build of torch)")
+    for module in sorted({read_engine_info(directory, stage).module for stage in names.STAGES}):
+        try:
+            import_tensorrt(module)
+        except CovipalError as error:
+            return f"the engines were built by {module}: {error}"
+    return None
 
 
 def ort_cuda_missing(directory: Path, manifest: Manifest) -> str | None:
@@ -69,9 +82,20 @@ def choose_backend(directory: Path, manifest: Manifest, requested: str) -> tuple
         from covipal_export.runtime.torch_backend import TorchBackend  # torch and the registry only when asked
 
         return TorchBackend(manifest), "requested: the PyTorch reference, rebuilt from the covipal registry"
-    no_trt = tensorrt_missing()
-    if requested == "trt":
-        raise CovipalError(f"--backend trt is not available: {no_trt}; use --backend ort")
+    if requested in ("auto", "trt"):
+        no_trt = tensorrt_missing(directory)
+        if no_trt is None:
+            try:
+                backend = TrtBackend(directory, manifest)
+            except CovipalError as error:  # an engine from another TensorRT or GPU: says how to rebuild
+                if requested == "trt":
+                    raise
+                no_trt = str(error)
+            else:
+                why = "requested TensorRT" if requested == "trt" else "engines, TensorRT and a GPU are present"
+                return backend, f"{why}; {backend.name} engines from {directory / ENGINE_DIR}"
+        if requested == "trt":
+            raise CovipalError(f"--backend trt is not available: {no_trt}; use --backend ort")
     no_cuda = ort_cuda_missing(directory, manifest)
     why = "requested ONNX Runtime" if requested == "ort" else f"TensorRT not used: {no_trt}"
     if no_cuda is None:

@@ -1,0 +1,166 @@
+"""TensorRT engines behind the backend interface: DIR/trt/<stage>.engine, run on torch CUDA tensors.
+
+    load      each engine with the module that built it (`tensorrt` or `tensorrt_rtx`, from its .engine.json),
+              after `trt_build.check_engine` (same TensorRT version, same GPU) and a check that it was built
+              from this directory's graph (the TopKGather plugin registered first where the engine holds it);
+              one execution context per engine
+    run       inputs become torch CUDA tensors (the `budget` shape input stays in host memory, as TensorRT
+              reads its value), set_input_shape, then each output's shape from get_tensor_shape (kept tokens
+              [B, k, D] follow the budget), set_tensor_address, scratch memory for these shapes (a torch buffer
+              that grows), execute_async_v3; everything is queued on the backend's torch CUDA stream
+    KV cache  the decoder's present.* tensors are the next step's past_key_values.*: the cache never leaves the
+              GPU, new buffers come from torch's caching allocator, and only logits [B, V] are copied back
+    prompt    the host steps (text for scoring, splice of the kept tokens) are OrtChain's, fed by the engines
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from covipal.errors import CovipalError
+from covipal_export import names
+from covipal_export.manifest import Manifest
+from covipal_export.ort_chain import OrtChain, PrunedPrompt
+from covipal_export.plugin.trt_plugin import register_plugin
+from covipal_export.runtime.backend import Backend
+from covipal_export.trt_build import (ENGINE_DIR, EngineInfo, build_target, check_engine, import_tensorrt, make_logger,
+                                      read_engine_info)
+
+Feed = np.ndarray | torch.Tensor
+
+
+def gpu_target(trt: ModuleType) -> str:
+    """This GPU as `trt_build` records an engine's target: "sm89" (TensorRT-RTX), "NAME (sm89)" (TensorRT)."""
+    if trt.__name__ != "tensorrt_rtx":
+        return build_target(trt, None)
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major}{minor}"
+
+
+class Engine:
+    """One deserialized engine and its execution context; `run` maps input tensors to new CUDA output tensors."""
+
+    def __init__(self, directory: Path, manifest: Manifest, stage: str):
+        info: EngineInfo = read_engine_info(directory, stage)
+        trt = import_tensorrt(info.module)
+        check_engine(info, trt, gpu_target(trt), directory)
+        graph = manifest.graphs[stage]
+        if info.onnx_sha256 != manifest.files[graph.file].sha256:
+            raise CovipalError(f"{stage}.engine was built from another {graph.file} than this export's: rebuild with "
+                               f"`python -m covipal_export.build {directory}`")
+        if info.gather == "plugin":  # a PPM engine built with `--gather plugin` holds the TopKGather plugin
+            register_plugin(trt)
+        self.stage, self.logger = stage, make_logger(trt)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine((directory / ENGINE_DIR / f"{stage}.engine").read_bytes())
+        if self.engine is None:
+            raise CovipalError(f"{trt.__name__} cannot load {stage}.engine ({'; '.join(self.logger.errors[-2:])}): "
+                               f"rebuild with `python -m covipal_export.build {directory}`")
+        # scratch memory sized for the shapes of each call, not for the profile's maxima (batch 8 x full context)
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        self.scratch: torch.Tensor | None = None
+        self.inputs = [t.name for t in info.inputs]
+        self.outputs = [t.name for t in info.outputs]
+        self.dtypes = {t.name: getattr(torch, t.dtype) for t in info.inputs + info.outputs}
+        self.dynamic = {name for name in self.inputs if -1 in tuple(self.engine.get_tensor_shape(name))}
+        self.on_host = {name for name in self.inputs  # shape inputs (`budget`): TensorRT reads them on the host
+                        if self.engine.get_tensor_location(name) == trt.TensorLocation.HOST}
+        self.profiles = {p.name: p for p in info.profiles}
+        self.placeholder = torch.empty(256, dtype=torch.uint8, device="cuda")  # empty tensors still need an address
+        self.module = trt.__name__
+
+    def run(self, feeds: dict[str, Feed]) -> dict[str, torch.Tensor]:
+        """Outputs as new CUDA tensors, queued on the current torch stream; numpy feeds are cast and uploaded."""
+        placed = {name: self._place(name, feeds[name]) for name in self.inputs}  # alive until enqueued
+        for name, tensor in placed.items():
+            if name in self.dynamic and not self.context.set_input_shape(name, tuple(tensor.shape)):
+                profile = self.profiles[name]
+                raise CovipalError(f"{self.stage}.engine takes {name} from {profile.min} to {profile.max}, "
+                                   f"got {list(tensor.shape)}")
+            self.context.set_tensor_address(name, self._address(tensor))
+        outputs = {}
+        for name in self.outputs:  # known once the input shapes and the budget value are set
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise CovipalError(f"{self.stage}.engine cannot tell the shape of {name} from its inputs: {shape}")
+            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
+            self.context.set_tensor_address(name, self._address(outputs[name]))
+        needed = self.context.update_device_memory_size_for_shapes()
+        if self.scratch is None or self.scratch.numel() < needed:  # grows to the largest call so far
+            self.scratch = torch.empty(max(needed, 256), dtype=torch.uint8, device="cuda")
+        self.context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise CovipalError(f"{self.module} failed to run {self.stage}.engine: {'; '.join(self.logger.errors[-2:])}")
+        return outputs
+
+    def _place(self, name: str, value: Feed) -> torch.Tensor:
+        dtype = self.dtypes[name]
+        if not isinstance(value, torch.Tensor):  # numpy arrays and scalars; 0-d stays 0-d (the budget)
+            array = np.asarray(value)
+            value = torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))
+        device = "cpu" if name in self.on_host else "cuda"
+        return value.to(device=device, dtype=dtype, non_blocking=True).contiguous()
+
+    def _address(self, tensor: torch.Tensor) -> int:
+        return tensor.data_ptr() if tensor.numel() else self.placeholder.data_ptr()
+
+
+class EngineChain(OrtChain):
+    """OrtChain's host steps (embed -> text for scoring -> prune -> splice) with every stage run by an engine."""
+
+    def __init__(self, directory: Path, manifest: Manifest):  # engines instead of ONNX Runtime sessions
+        self.directory, self.manifest = directory, manifest
+        self.engines = {stage: Engine(directory, manifest, stage) for stage in names.STAGES}
+
+    def run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if stage == names.PRUNE:  # the graph clamps the budget to [1, N]; the engine's profile only takes that range
+            feeds = {**feeds, names.BUDGET: np.minimum(feeds[names.BUDGET], self.manifest.shapes.visual_tokens)}
+        outputs = self.engines[stage].run(feeds)
+        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+
+
+class TrtBackend(Backend):
+    """The four engines on one GPU; the decoder's KV cache stays in CUDA tensors between steps."""
+
+    def __init__(self, directory: str | Path, manifest: Manifest):
+        self.chain = EngineChain(Path(directory), manifest)  # refuses engines from another TensorRT or GPU first
+        self.stream = torch.cuda.Stream()
+        self.decoder, self.embedder = self.chain.engines[names.DECODER], self.chain.engines[names.EMBED]
+        self.name = self.decoder.module.replace("_", "-")  # "tensorrt" or "tensorrt-rtx"
+        self.past_names = names.past_names(manifest.decoder.num_layers)
+        self.present_names = names.present_names(manifest.decoder.num_layers)
+        self.past: list[torch.Tensor] = []
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        with torch.cuda.stream(self.stream):
+            return self.chain.encode_images(pixel_values)  # [B, N, D]
+
+    def prune(self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: np.ndarray, budget: int,
+              position_policy: str) -> PrunedPrompt:
+        with torch.cuda.stream(self.stream):
+            return self.chain.prune_and_splice(input_ids, attention_mask, visual, budget, position_policy)
+
+    def prefill(self, prompt: PrunedPrompt) -> np.ndarray:
+        decoder = self.chain.manifest.decoder
+        shape = (prompt.inputs_embeds.shape[0], decoder.num_kv_heads, 0, decoder.head_dim)  # [B, Hkv, 0, Dh]
+        with torch.cuda.stream(self.stream):
+            empty = torch.empty(shape, dtype=self.decoder.dtypes[self.past_names[0]], device="cuda")
+            self.past = [empty] * len(self.past_names)
+            return self._decode(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)
+
+    def step(self, token: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        with torch.cuda.stream(self.stream):
+            embeds = self.embedder.run({names.INPUT_IDS: token[:, None]})[names.TEXT_EMBEDS]  # [B, 1, D], on the GPU
+            return self._decode(embeds, attention_mask, position_ids)
+
+    def _decode(self, inputs_embeds: Feed, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One decoder pass with past = the held cache; the present outputs become the held cache."""
+        feeds = {names.INPUTS_EMBEDS: inputs_embeds, names.ATTENTION_MASK: attention_mask,
+                 names.POSITION_IDS: position_ids, **dict(zip(self.past_names, self.past))}
+        outputs = self.decoder.run(feeds)
+        self.past = [outputs[name] for name in self.present_names]  # [B, Hkv, P + S, Dh], still on the GPU
+        return outputs[names.LOGITS][:, -1].cpu().numpy()  # [B, V], the only copy back

@@ -1,0 +1,42 @@
+"""`python -m covipal_export.pipeline_eval`: the pipeline answers easy-VQA exactly as the PyTorch harness does."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import requires_mini
+
+from covipal.cli import run as run_cli
+from covipal_export import pipeline_eval
+from covipal_export.runtime import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = requires_mini
+
+
+@pytest.fixture(scope="module")
+def export_dir(mini_demo_export) -> Path:
+    return mini_demo_export
+
+
+def test_pipeline_answers_equal_covipal_eval(export_dir):
+    from covipal.data import easy_vqa
+
+    pipe = Pipeline.from_dir(export_dir, backend="ort")
+    examples = easy_vqa.sample(easy_vqa.load_split("test"), 32, seed=0)  # covipal.eval --limit 32's questions
+    result = pipeline_eval.compare(pipe, examples)
+    assert (result.strategy, result.budget, result.position_policy, result.n) == ("uniform", 100, "keep", 32)
+    assert len(result.pipeline_answers) == 32 and result.pipeline_answers == result.reference_answers
+    assert result.differ == 0 and result.pipeline_accuracy == result.reference_accuracy
+    assert result.pipeline_accuracy > 0.5  # well above the 37 % majority answer: the scoring picks real answers
+
+
+def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pipeline_eval", "--engine-dir", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(pipeline_eval.main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and lines == [f"error: engine directory not found: {tmp_path / 'nowhere'}"]
