@@ -24,7 +24,8 @@ def build_parser() -> ArgumentParser:
                         help=f"how visual tokens are scored: {', '.join(STRATEGY_NAMES)} (default: %(default)s)")
     parser.add_argument("--budget", type=positive_int, default=None,
                         help="visual tokens to keep (default: all, no pruning)")
-    parser.add_argument("--ppm", default=None, help="PPM checkpoint directory (needed by --strategy ppm)")
+    parser.add_argument("--ppm", default=None, help="PPM checkpoint directory for --strategy ppm "
+                        "(default: the model's bundled PPM, e.g. mini-llava's)")
     parser.add_argument("--position-policy", default="keep", choices=POSITION_POLICIES,
                         help="positions of kept tokens: keep the original ones or make them contiguous "
                              "(default: %(default)s)")
@@ -41,12 +42,13 @@ def main() -> int:
     quiet_libraries()
     from covipal.generation import SamplingConfig, generate
     from covipal.modeling_ppm import PruningModule
-    from covipal.models import load_model
+    from covipal.models import bundled_ppm, load_model
     from covipal.strategies import make_strategy
 
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     model = load_model(args.model, path=args.model_path)
-    ppm = PruningModule.load(args.ppm) if args.ppm else None
+    ppm_dir = args.ppm or bundled_ppm(args.model)
+    ppm = PruningModule.load(ppm_dir) if ppm_dir and args.strategy == "ppm" else None
     strategy = make_strategy(args.strategy, language_model=model.language_model, ppm=ppm, seed=args.seed)
     start = time.perf_counter()
     out = generate(model, [args.image], [args.question], strategy=strategy, budget=args.budget,

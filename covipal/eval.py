@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from covipal.data import easy_vqa
 from covipal.errors import CovipalError
 from covipal.models import MODEL_NAMES
 from covipal.models.base import VisionLanguageModel
+from covipal.models.processing import PromptProcessor
 from covipal.pruning import POSITION_POLICIES, prune_prompt
 from covipal.strategies import STRATEGY_NAMES, Strategy
 
@@ -38,9 +38,9 @@ class EvalRecord:
     n: int
 
 
-def answer_first_tokens(model: VisionLanguageModel, answers: list[str]) -> list[int]:
-    """The first token of each answer as it continues the assistant prompt."""
-    processor = model.require_processor()
+def answer_first_tokens(source: VisionLanguageModel | PromptProcessor, answers: list[str]) -> list[int]:
+    """The first token of each answer as it continues the assistant prompt (a model's processor, or a processor)."""
+    processor = source if isinstance(source, PromptProcessor) else source.require_processor()
     tokenizer = processor.tokenizer
     prompt = processor.render("?")
     separator = "" if prompt[-1].isspace() else " "
@@ -53,6 +53,41 @@ def answer_first_tokens(model: VisionLanguageModel, answers: list[str]) -> list[
 
 
 @torch.no_grad()
+def predict(
+    model: VisionLanguageModel,
+    examples: list[easy_vqa.VQAExample],
+    strategies: dict[str, Strategy],
+    budgets: list[int],
+    answers: list[str],
+    position_policy: str = "keep",
+    batch_size: int = 16,
+    baseline: bool = True,
+) -> dict[tuple[str, int | None], list[int]]:
+    """The predicted answer (index into `answers`) of every question, without pruning (("none", None), first,
+    unless not `baseline`) and for every (strategy, budget); one vision pass per batch."""
+    candidates = torch.tensor(answer_first_tokens(model, answers))  # [A]
+    configs = ([("none", None)] if baseline else []) + [(name, budget) for name in strategies for budget in budgets]
+    predictions: dict[tuple[str, int | None], list[int]] = {config: [] for config in configs}
+    processor = model.require_processor()
+    for start in tqdm(range(0, len(examples), batch_size), desc="eval", unit="batch", file=sys.stderr):
+        chunk = examples[start : start + batch_size]
+        batch = processor([e.image for e in chunk], [e.question for e in chunk])
+        visual = model.encode_images(batch.pixel_values)  # [B, N, D]
+        embeds = model.embed_prompt(batch.input_ids)  # [B, L, D]
+        for name, budget in configs:
+            prompt = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
+                                  strategies.get(name), budget, position_policy)
+            logits = model.decode(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids,
+                                  model.new_cache())[:, -1]  # [B, V]
+            predictions[(name, budget)] += logits[:, candidates].argmax(-1).tolist()  # [B]
+    return predictions
+
+
+def accuracy(predicted: list[int], examples: list[easy_vqa.VQAExample], answers: list[str]) -> float:
+    """The share of questions whose predicted answer index is the gold answer's."""
+    return sum(answers[p] == e.answer for p, e in zip(predicted, examples)) / len(examples)
+
+
 def evaluate(
     model: VisionLanguageModel,
     examples: list[easy_vqa.VQAExample],
@@ -63,25 +98,9 @@ def evaluate(
     batch_size: int = 16,
 ) -> list[EvalRecord]:
     """Accuracy without pruning, then for every (strategy, budget); one vision pass per batch."""
-    candidates = torch.tensor(answer_first_tokens(model, answers))  # [A]
-    configs = [("none", None)] + [(name, budget) for name in strategies for budget in budgets]
-    correct = Counter()
-    processor = model.require_processor()
-    for start in tqdm(range(0, len(examples), batch_size), desc="eval", unit="batch", file=sys.stderr):
-        chunk = examples[start : start + batch_size]
-        batch = processor([e.image for e in chunk], [e.question for e in chunk])
-        gold = torch.tensor([answers.index(e.answer) for e in chunk])
-        visual = model.encode_images(batch.pixel_values)  # [B, N, D]
-        embeds = model.embed_prompt(batch.input_ids)  # [B, L, D]
-        for name, budget in configs:
-            prompt = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
-                                  strategies.get(name), budget, position_policy)
-            logits = model.decode(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids,
-                                  model.new_cache())[:, -1]  # [B, V]
-            predicted = logits[:, candidates].argmax(-1)  # [B]
-            correct[(name, budget)] += int((predicted == gold).sum())
-    return [EvalRecord(name, FULL if budget is None else budget, correct[(name, budget)] / len(examples), len(examples))
-            for name, budget in configs]
+    predictions = predict(model, examples, strategies, budgets, answers, position_policy, batch_size)
+    return [EvalRecord(name, FULL if budget is None else budget, accuracy(predicted, examples, answers), len(examples))
+            for (name, budget), predicted in predictions.items()]
 
 
 def format_table(records: list[EvalRecord], majority: tuple[str, float]) -> str:
@@ -98,6 +117,34 @@ def format_table(records: list[EvalRecord], majority: tuple[str, float]) -> str:
     if not strategies:
         lines.append(f"| (none) | {100 * full.accuracy:.1f} | {100 * majority[1]:.1f} |")
     return "\n".join(lines) + f"\n\nn = {full.n} questions; majority answer '{majority[0]}'; accuracy in %"
+
+
+def plot_accuracy(records: list[EvalRecord], majority: tuple[str, float], title: str, path: Path) -> None:
+    """Accuracy against the visual-token budget, one line per strategy, the baselines as horizontal lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CovipalError("--plot needs matplotlib: pip install matplotlib (or the project's `tools` extra)") from None
+    full = next(r for r in records if r.budget == FULL)
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name in dict.fromkeys(r.strategy for r in records if r.budget != FULL):
+        points = sorted((r.budget, 100 * r.accuracy) for r in records if r.strategy == name and r.budget != FULL)
+        axes.plot(*zip(*points), marker="o", label=name)
+    axes.axhline(100 * full.accuracy, color="black", linestyle="--", label="all tokens")
+    axes.axhline(100 * majority[1], color="gray", linestyle=":", label=f"majority ('{majority[0]}')")
+    axes.set_xscale("log", base=2)
+    budgets = sorted({r.budget for r in records if r.budget != FULL})
+    axes.set_xticks(budgets, [str(b) for b in budgets])
+    axes.set_xlabel("visual tokens kept")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def parse_budgets(text: str) -> list[int | None]:
@@ -130,11 +177,14 @@ def build_parser() -> ArgumentParser:
                         help="comma-separated visual-token budgets; 'all' = no pruning (default: %(default)s)")
     parser.add_argument("--strategies", default="uniform", help=f"comma-separated, from: {', '.join(STRATEGY_NAMES)}")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate N questions (default: all 9,673)")
-    parser.add_argument("--ppm", default=None, help="PPM checkpoint directory (needed by the ppm strategy)")
+    parser.add_argument("--ppm", default=None, help="PPM checkpoint directory for the ppm strategy "
+                        "(default: the model's bundled PPM, e.g. mini-llava's)")
     parser.add_argument("--position-policy", default="keep", choices=POSITION_POLICIES, help="default: %(default)s")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question subset and the random strategy")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the table as JSON to OUT")
+    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                        help="also plot accuracy against budget per strategy (needs matplotlib)")
     return parser
 
 
@@ -144,11 +194,12 @@ def main() -> int:
     strategy_names = parse_strategies(args.strategies)
     quiet_libraries()
     from covipal.modeling_ppm import PruningModule
-    from covipal.models import load_model
+    from covipal.models import bundled_ppm, load_model
     from covipal.strategies import make_strategy
 
     model = load_model(args.model)
-    ppm = PruningModule.load(args.ppm) if args.ppm else None
+    ppm_dir = args.ppm or bundled_ppm(args.model)
+    ppm = PruningModule.load(ppm_dir) if ppm_dir and "ppm" in strategy_names else None
     strategies = {name: make_strategy(name, language_model=model.language_model, ppm=ppm, seed=args.seed)
                   for name in strategy_names}
     answers = easy_vqa.answers()
@@ -168,6 +219,9 @@ def main() -> int:
             "records": [asdict(r) for r in records],
             "baselines": {"all_tokens": records[0].accuracy, "majority": {"answer": majority, "accuracy": majority_accuracy}},
         }, indent=2) + "\n")
+    if args.plot:
+        title = f"{args.model} on easy-VQA test (n = {len(examples)}), positions {args.position_policy}"
+        plot_accuracy(records, (majority, majority_accuracy), title, args.plot)
     return 0
 
 

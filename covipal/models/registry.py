@@ -52,6 +52,15 @@ LLAVA_SPECS = {
 MODEL_NAMES = ("tiny-random-llava", "mini-llava", *LLAVA_SPECS)
 
 
+def bundled_ppm(name: str) -> Path | None:
+    """The trained PPM that ships with a registered model (mini-llava's), or None."""
+    if name != "mini-llava":
+        return None
+    from covipal.models.mini_llava import PPM_DIR
+
+    return PPM_DIR if (PPM_DIR / "model.safetensors").is_file() else None
+
+
 def load_model(
     name: str,
     *,

@@ -1,0 +1,304 @@
+"""`python -m covipal.train --model M --data easy-vqa --stage 1|2 --out CKPT`: train the PPM, base model frozen.
+
+Stage 1 (attention-guided): the PPM regresses the visual-attention labels of the frozen model at a
+guide layer (covipal.attention_labels), normalised per sample: MSE plus an optional ListNet ranking
+term. Stage 2 (end to end): the PPM's scores enter every decoder layer as a key bias
+(covipal.soft_pruning) at a budget drawn per step, and the loss is the answer's cross-entropy, plus an
+optional KL to the unpruned model's answer distribution. Stage 2 usually starts from a stage-1
+checkpoint (`--init`).
+
+Data: `easy-vqa` (its train split) or a LLaVA-Instruct style JSON file (`--image-root` for its images).
+The frozen visual tokens (and for stage 1 the labels) of the training examples are computed once and
+cached on disk. Deterministic for a seed; `OUT/train_state.pt` makes an interrupted run resume; the
+checkpoint is the PPM's format with the command, data, seed and final loss in its metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from covipal.attention_labels import default_guide_layer, visual_attention_labels
+from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
+from covipal.data import easy_vqa
+from covipal.data.easy_vqa import VQAExample
+from covipal.errors import CovipalError
+from covipal.generation import eos_token_ids
+from covipal.modeling_ppm import PruningModule, default_ppm_config
+from covipal.models.base import VisionLanguageModel
+from covipal.models.processing import load_image
+from covipal.pruning import image_span, prune_prompt, text_for_scoring
+from covipal.resume import clear_resume_point, load_resume_point, save_resume_point
+from covipal.soft_pruning import soft_key_bias, soft_pruning_mask
+from covipal.train_projector import learning_rate
+
+DEFAULT_CACHE = Path.home() / ".cache" / "covipal"
+
+
+@dataclass
+class TrainingSet:
+    """Token ids per example and the frozen model's outputs they need, computed once."""
+
+    examples: list[VQAExample]
+    prompts: list[list[int]]  # prompt ids, image slots expanded to N
+    answers: list[list[int]]  # the answer's ids as it continues the prompt, ending with EOS
+    visual: torch.Tensor  # [num_images, N, D] fp16, frozen visual tokens
+    image_row: list[int]  # example -> row of `visual`
+    labels: torch.Tensor | None  # [num_examples, N] attention labels at the guide layer (stage 1)
+
+
+def load_examples(data: str, image_root: Path | None, limit: int | None, seed: int) -> list[VQAExample]:
+    """A seeded subset of `limit` training examples from easy-VQA's train split or a LLaVA-Instruct JSON."""
+    if data == "easy-vqa":
+        examples = easy_vqa.load_split("train")
+    else:
+        from covipal.data.instruct_json import load_instruct_json
+
+        examples = load_instruct_json(data, image_root)
+    return easy_vqa.sample(examples, limit, seed)
+
+
+def answer_ids(model: VisionLanguageModel, answer: str) -> list[int]:
+    """The answer's tokens as they continue the assistant prompt, then the end-of-answer token."""
+    processor = model.require_processor()
+    prompt = processor.render("?")
+    separator = "" if prompt[-1].isspace() else " "
+    prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = processor.tokenizer(prompt + separator + answer, add_special_tokens=False)["input_ids"]
+    return ids[len(prompt_ids):] + eos_token_ids(model)[:1]
+
+
+def pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask `[B, L]`, left-padded like the prompt processor."""
+    length = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    return input_ids, attention_mask
+
+
+def prompt_text(model: VisionLanguageModel, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the PPM reads of the prompts: text_embeds [B, T, D] and text_mask [B, T]."""
+    input_ids, attention_mask = pad_left(prompts, model.text_config.pad_token_id or 0)
+    return text_for_scoring(model.embed_prompt(input_ids), input_ids, attention_mask, model.image_token_id)
+
+
+@torch.no_grad()
+def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], guide_layer: int | None,
+                       cache_dir: Path, batch_size: int = 16) -> TrainingSet:
+    """Tokenize the examples; visual tokens (and labels at `guide_layer`) from the disk cache or computed."""
+    processor = model.require_processor()
+    prompts = [processor.tokenize(e.question) for e in examples]
+    answers = [answer_ids(model, e.answer) for e in examples]
+    paths = list(dict.fromkeys(e.image for e in examples))
+    row_of = {path: i for i, path in enumerate(paths)}
+    image_row = [row_of[e.image] for e in examples]
+
+    def cached(kind: str, lines: list[str]) -> Path:
+        key = hashlib.sha256("\n".join([model.info.name, model.info.source, *lines]).encode()).hexdigest()[:16]
+        return cache_dir / f"{kind}-{model.info.name}-{key}.pt"
+
+    visual_cache = cached("visual", [str(p) for p in paths])
+    if visual_cache.is_file():
+        visual = torch.load(visual_cache, weights_only=True)
+    else:
+        preprocess = processor.image_preprocessing
+        chunks = []
+        for start in tqdm(range(0, len(paths), batch_size), desc="visual tokens", unit="batch", file=sys.stderr):
+            pixels = torch.stack([torch.from_numpy(preprocess(load_image(p))) for p in paths[start : start + batch_size]])
+            chunks.append(model.encode_images(pixels).half())  # [b, N, D]
+        visual = _save(torch.cat(chunks), visual_cache)  # [num_images, N, D]
+    if guide_layer is None:
+        return TrainingSet(examples, prompts, answers, visual, image_row, None)
+
+    labels_cache = cached(f"labels{guide_layer}", [f"{e.image}\t{e.question}" for e in examples])
+    if labels_cache.is_file():
+        labels = torch.load(labels_cache, weights_only=True)
+    else:
+        labels = []
+        for start in tqdm(range(0, len(examples), batch_size), desc=f"labels (layer {guide_layer})", unit="batch",
+                          file=sys.stderr):
+            rows = range(start, min(start + batch_size, len(examples)))
+            input_ids, attention_mask = pad_left([prompts[i] for i in rows], model.text_config.pad_token_id or 0)
+            tokens = visual[[image_row[i] for i in rows]].float()  # [b, N, D]
+            full = prune_prompt(model.embed_prompt(input_ids), input_ids, attention_mask, tokens,
+                                model.image_token_id, None, None)
+            labels.append(visual_attention_labels(model, full.inputs_embeds, input_ids, attention_mask,
+                                                  [guide_layer])[guide_layer])
+        labels = _save(torch.cat(labels), labels_cache)  # [num_examples, N]
+    return TrainingSet(examples, prompts, answers, visual, image_row, labels)
+
+
+def _save(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    """Write `tensor` to the cache atomically and return it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensor, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return tensor
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-row zero mean, unit variance."""
+    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp(min=1e-6)
+
+
+def stage1_loss(scores: torch.Tensor, labels: torch.Tensor, rank_weight: float) -> torch.Tensor:
+    """MSE of the scores to the standardized labels, plus ListNet (cross-entropy of the two softmaxes)."""
+    target = standardize(labels)  # [B, N]
+    loss = F.mse_loss(scores, target)
+    if rank_weight > 0:
+        loss = loss + rank_weight * -(target.softmax(-1) * scores.log_softmax(-1)).sum(-1).mean()
+    return loss
+
+
+def stage2_loss(model: VisionLanguageModel, data: TrainingSet, rows: list[int], scores: torch.Tensor, budget: int,
+                temperature: float, kl_weight: float) -> torch.Tensor:
+    """Answer cross-entropy (+ KL to the unpruned model) with the scores as soft key biases in every layer."""
+    sequences = [data.prompts[i] + data.answers[i] for i in rows]
+    input_ids, attention_mask = pad_left(sequences, model.text_config.pad_token_id or 0)  # [B, L]
+    visual = data.visual[[data.image_row[i] for i in rows]].float()  # [B, N, D]
+    full = prune_prompt(model.embed_prompt(input_ids), input_ids, attention_mask, visual, model.image_token_id,
+                        None, None)
+    start = image_span(input_ids, model.image_token_id, model.num_visual_tokens)  # [B]
+    key_bias = soft_key_bias(scores, budget, temperature)  # [B, N]
+    mask = soft_pruning_mask(attention_mask, start, key_bias)  # [B, 1, L, L]
+    hidden = model.language_model(inputs_embeds=full.inputs_embeds, attention_mask=mask,
+                                  position_ids=full.position_ids).last_hidden_state  # [B, L, D]
+    # rows are left-padded: the answer is the last n tokens; position t predicts t + 1
+    length = input_ids.shape[1]
+    row_index = torch.cat([torch.full((len(data.answers[i]),), b) for b, i in enumerate(rows)])
+    target_at = torch.cat([torch.arange(length - len(data.answers[i]), length) for i in rows])
+    logits = model.lm_head(hidden[row_index, target_at - 1]).float()  # [answer tokens, V]
+    loss = F.cross_entropy(logits, input_ids[row_index, target_at])
+    if kl_weight > 0:
+        with torch.no_grad():
+            plain = soft_pruning_mask(attention_mask, start, torch.zeros_like(key_bias))
+            teacher = model.language_model(inputs_embeds=full.inputs_embeds, attention_mask=plain,
+                                           position_ids=full.position_ids).last_hidden_state
+            teacher = model.lm_head(teacher[row_index, target_at - 1]).float().log_softmax(-1)
+        loss = loss + kl_weight * F.kl_div(logits.log_softmax(-1), teacher, log_target=True, reduction="batchmean")
+    return loss
+
+
+def parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(b) for b in text.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) <= 0:
+        raise CovipalError(f"--budgets takes comma-separated positive integers, got {text!r}")
+    return budgets
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m covipal.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mini-llava", help="registered model (default: %(default)s)")
+    parser.add_argument("--data", default="easy-vqa", help="'easy-vqa' (train split) or a LLaVA-Instruct style JSON file")
+    parser.add_argument("--image-root", type=Path, default=None, help="directory the JSON's image paths are relative to "
+                        "(default: the JSON file's directory)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), required=True,
+                        help="1: regress attention labels; 2: soft pruning with the language-model loss")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the PPM checkpoint")
+    parser.add_argument("--init", type=Path, default=None, help="start from this PPM checkpoint (e.g. stage 1's)")
+    parser.add_argument("--guide-layer", type=int, default=None,
+                        help="stage 1: decoder layer whose attention is the label (default: the middle layer)")
+    parser.add_argument("--limit", type=positive_int, default=4000, help="training examples, a seeded subset "
+                        "(default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="optimizer steps (default: 600 for stage 1, 300 for stage 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: 32 for stage 1, 8 for stage 2")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 stage 1, 2e-4 stage 2)")
+    parser.add_argument("--warmup", type=positive_int, default=20, help="warm-up steps (default: %(default)s)")
+    parser.add_argument("--rank-weight", type=float, default=1.0, help="stage 1: weight of the ListNet ranking term")
+    parser.add_argument("--budgets", default="16,32,64", help="stage 2: budgets the soft mask mimics, one per step in "
+                        "turn (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.25, help="stage 2: softness of the key bias "
+                        "(in units of the scores' spread; default: %(default)s)")
+    parser.add_argument("--kl-weight", type=float, default=0.0, help="stage 2: weight of the KL to the unpruned model")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the data subset, initialisation and order")
+    parser.add_argument("--save-every", type=positive_int, default=50, help="resume point every N steps")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="cache of visual tokens and labels "
+                        "(default: %(default)s)")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    budgets = parse_budgets(args.budgets)
+    stage = args.stage
+    steps = args.steps or (600 if stage == 1 else 300)
+    batch_size = args.batch_size or (32 if stage == 1 else 8)
+    lr = args.lr or (1e-3 if stage == 1 else 2e-4)
+    quiet_libraries()
+    from covipal.models import load_model
+
+    model = load_model(args.model)
+    model.requires_grad_(False)
+    guide_layer = default_guide_layer(model) if args.guide_layer is None else args.guide_layer
+    if stage == 2 and max(budgets) >= model.num_visual_tokens:
+        raise CovipalError(f"--budgets must be below the model's {model.num_visual_tokens} visual tokens "
+                           f"(a budget that keeps every token leaves nothing to learn), got {args.budgets}")
+    torch.manual_seed(args.seed)
+    if args.init is not None:
+        ppm = PruningModule.load(args.init)
+    else:
+        ppm = PruningModule(default_ppm_config(model.hidden_size, model.num_visual_tokens))
+    examples = load_examples(args.data, args.image_root, args.limit, args.seed)
+    data = build_training_set(model, examples, guide_layer if stage == 1 else None, args.cache_dir)
+
+    optimizer = torch.optim.AdamW(ppm.parameters(), lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(args.seed)
+    order, step, losses = torch.randperm(len(examples), generator=generator), 0, []
+    state = load_resume_point(args.out, args)
+    if state is not None:
+        ppm.load_state_dict(state["ppm"])
+        optimizer.load_state_dict(state["optimizer"])
+        order, step, losses = state["order"], state["step"], state["losses"]
+
+    ppm.train()
+    progress = tqdm(range(step, steps), initial=step, total=steps, desc=f"PPM stage {stage}", unit="step")
+    for step in progress:
+        rows = [order[(step * batch_size + i) % len(order)].item() for i in range(batch_size)]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, args.warmup)
+        text_embeds, text_mask = prompt_text(model, [data.prompts[i] for i in rows])
+        scores = ppm(data.visual[[data.image_row[i] for i in rows]].float(), text_embeds, text_mask)  # [B, N]
+        if stage == 1:
+            loss = stage1_loss(scores, data.labels[rows], args.rank_weight)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = stage2_loss(model, data, rows, scores, budgets[step % len(budgets)], args.temperature,
+                                   args.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        if (step + 1) % args.save_every == 0 and step + 1 < steps:
+            save_resume_point(args.out, args, ppm=ppm.state_dict(), optimizer=optimizer.state_dict(), order=order,
+                              step=step + 1, losses=losses)
+
+    command = "python -m covipal.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    data_name = "easy-vqa train split" if args.data == "easy-vqa" else f"LLaVA-Instruct JSON {args.data}"
+    ppm.eval().save(args.out, metadata={
+        "command": command, "model": args.model, "stage": stage, "init": str(args.init) if args.init else None,
+        "guide_layer": guide_layer if stage == 1 else None, "seed": args.seed, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "data": f"{data_name}, seeded subset of {len(examples)} examples",
+        "budgets": budgets if stage == 2 else None, "temperature": args.temperature if stage == 2 else None,
+        "kl_weight": args.kl_weight if stage == 2 else None, "rank_weight": args.rank_weight if stage == 1 else None,
+        "loss_first_20": round(sum(losses[:20]) / len(losses[:20]), 4),
+        "loss_last_20": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+    })
+    clear_resume_point(args.out)
+    print(f"PPM written to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
