@@ -48,10 +48,10 @@ class ChainOutput:
 class OrtChain:
     """ONNX Runtime sessions for the four graphs of an export directory."""
 
-    def __init__(self, directory: str | Path, providers: list[str] | None = None):
+    def __init__(self, directory: str | Path, providers: list[str] | None = None, threads: int | None = None):
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
-        self.sessions = {stage: new_session(self.manifest.graph_path(self.directory, stage), providers)
+        self.sessions = {stage: new_session(self.manifest.graph_path(self.directory, stage), providers, threads)
                          for stage in names.STAGES}
 
     def run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,10 +141,15 @@ class OrtChain:
         return ChainOutput(np.stack(tokens, axis=1), prompt.kept_index, prompt.scores, prompt.inputs_embeds.shape[1])
 
 
-def new_session(path: Path, providers: list[str] | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session that logs errors only (CPU unless `providers` says otherwise)."""
+def new_session(path: Path, providers: list[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session that logs errors only (CPU unless `providers` says otherwise).
+
+    threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    if threads is not None:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 

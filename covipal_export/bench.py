@@ -1,0 +1,345 @@
+"""`python -m covipal_export.bench`: latency and memory per (backend, budget) of one export, measured interleaved.
+
+    export (or reuse) DIR in --work-dir -> one worker process per backend -> warm-up + repeats rounds, each
+    round one call per (budget, backend), alternating the order -> medians [min-max] -> ratios -> tables, JSON, plot
+
+The budget N (no pruning) is always measured: it is the reference of the pruned/unpruned ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+import covipal
+from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
+from covipal.errors import CovipalError
+from covipal.models import MODEL_NAMES
+from covipal.strategies import STRATEGY_NAMES
+from covipal_export.bench_report import plot, ratios, ratios_table, records_table, require_matplotlib, summarize
+from covipal_export.bench_worker import BACKEND_NAMES, WorkerSpec, device_name, serve
+from covipal_export.manifest import Manifest
+
+DEFAULT_WORK_DIR = Path("engines/bench")
+DEFAULT_IMAGE = Path(covipal.__file__).parent / "assets" / "astronaut.jpg"
+DEFAULT_QUESTION = "What is the person in this picture wearing, and what is in the background behind them?"
+FULL = "all"  # the budget label for no pruning
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m covipal_export.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
+                        help=f"registered model: {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--budgets", required=True,
+                        help="comma-separated visual-token budgets; 'all' = N (always measured, as the reference)")
+    parser.add_argument("--backends", required=True, help=f"comma-separated, from: {', '.join(BACKEND_NAMES)}")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the records as JSON to OUT")
+    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="plot the records (needs matplotlib)")
+    parser.add_argument("--random-weights", action="store_true", help="the architecture with seeded random weights")
+    parser.add_argument("--layers", type=positive_int, default=None,
+                        help="decoder layers to build, with --random-weights (stated in the output)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="default: %(default)s")
+    parser.add_argument("--strategy", choices=STRATEGY_NAMES, default=None, metavar="S",
+                        help="pruning strategy of the export (default: export.py's: the PPM for random weights and "
+                             "mini-llava's bundled PPM, "
+                             "else text-sim)")
+    parser.add_argument("--ppm", type=Path, default=None, help="trained PPM checkpoint directory for the export")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                        help="where exports are cached and reused (default: %(default)s)")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="verify a new export against PyTorch (default: on)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=positive_int, default=32,
+                        help="tokens generated per call, EOS ignored (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+                        help="torch threads and ONNX Runtime intra-op threads (default: the CPU count, %(default)s)")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="default: the bundled astronaut.jpg")
+    parser.add_argument("--question", default=DEFAULT_QUESTION, help="default: %(default)r")
+    parser.add_argument("--text-tokens", type=positive_int, default=40,
+                        help="non-image prompt tokens of the synthetic prompt used when the export has no tokenizer "
+                             "(default: %(default)s)")
+    return parser
+
+
+def parse_budgets(text: str) -> list[int | None]:
+    """Budgets in the given order, without repeats; None stands for 'all'."""
+    budgets: list[int | None] = []
+    for item in (part.strip() for part in text.split(",")):
+        if item == FULL:
+            value = None
+        elif item.isdigit() and int(item) > 0:
+            value = int(item)
+        else:
+            raise CovipalError(f"--budgets takes positive integers and '{FULL}', got {item!r}")
+        if value not in budgets:
+            budgets.append(value)
+    return budgets
+
+
+def parse_backends(text: str) -> list[str]:
+    backends = list(dict.fromkeys(part.strip() for part in text.split(",")))
+    for name in backends:
+        if name not in BACKEND_NAMES:
+            raise CovipalError(f"unknown backend {name!r} in --backends; choose from: {', '.join(BACKEND_NAMES)}")
+    return backends
+
+
+def resolve_budgets(budgets: list[int | None], num_visual: int) -> list[int]:
+    """Descending budgets with N first (the unpruned reference); a budget over N is refused."""
+    too_large = [b for b in budgets if b is not None and b > num_visual]
+    if too_large:
+        raise CovipalError(f"budget {too_large[0]} is larger than the {num_visual} visual tokens of this model")
+    return sorted({num_visual, *(b for b in budgets if b is not None)}, reverse=True)
+
+
+def export_name(args) -> str:
+    """The cache directory of an export made with these options."""
+    parts = [args.model, "random" if args.random_weights else None, f"L{args.layers}" if args.layers else None,
+             args.dtype, args.strategy, f"ppm-{args.ppm.resolve().name}" if args.ppm else None]
+    return "-".join(p for p in parts if p)
+
+
+def mismatch(manifest: Manifest, args) -> str | None:
+    """Why an existing export does not match the options, or None."""
+    model, pruning = manifest.model, manifest.pruning
+    checks = [("model", model.name, args.model), ("random weights", model.random_weights, args.random_weights),
+              ("dtype", model.dtype, args.dtype)]
+    if args.layers:
+        checks.append(("decoder layers", manifest.decoder.num_layers, args.layers))
+    if args.strategy:
+        checks.append(("strategy", pruning.strategy, args.strategy))
+    if args.ppm:
+        checks.append(("PPM", pruning.ppm and pruning.ppm.checkpoint, str(args.ppm.resolve())))
+    return next((f"{what} is {have}, not {want}" for what, have, want in checks if have != want), None)
+
+
+def prepared_export(args) -> tuple[Path, Manifest]:
+    """A valid export for the options in --work-dir: reused when its manifest and checksums match, else made."""
+    from covipal_export.exporter import ExportOptions, describe, export_model
+    from covipal_export.runtime.export_dir import open_export
+
+    directory = args.work_dir / export_name(args)
+    if directory.exists():
+        try:
+            manifest = open_export(directory)
+            why = mismatch(manifest, args)
+        except CovipalError as exc:
+            why = str(exc)
+        if why is None:
+            print(f"reusing the export in {directory}", file=sys.stderr)
+            return directory, manifest
+        print(f"exporting again into {directory}: {why}", file=sys.stderr)
+    options = ExportOptions(model=args.model, budget=1, out=directory, dtype=args.dtype, strategy=args.strategy,
+                            ppm=args.ppm, random_weights=args.random_weights, layers=args.layers,
+                            force=directory.exists(), verify=args.verify)
+    result = export_model(options)
+    print(describe(result), file=sys.stderr)
+    return directory, result.manifest
+
+
+class Workers:
+    """One process per backend (spawned: no forked torch state), driven one request at a time."""
+
+    def __init__(self, specs: list[WorkerSpec]):
+        context = multiprocessing.get_context("spawn")
+        self.conns, self.processes, self.info, self.skipped = {}, {}, {}, {}
+        for spec in specs:
+            parent, child = context.Pipe()
+            process = context.Process(target=serve, args=(child, spec), daemon=True)
+            process.start()
+            child.close()
+            self.conns[spec.backend], self.processes[spec.backend] = parent, process
+        try:
+            for backend in list(self.conns):  # all load at once, then each says ready or why not
+                try:
+                    self.info[backend] = self._reply(backend)
+                except CovipalError as exc:
+                    self.skipped[backend] = str(exc)
+                    self._stop(backend)
+        except BaseException:
+            self.close()
+            raise
+
+    def measure(self, backend: str, budget: int) -> dict:
+        self.conns[backend].send(budget)
+        return self._reply(backend)
+
+    def _reply(self, backend: str) -> dict:
+        try:
+            kind, payload = self.conns[backend].recv()
+        except EOFError:
+            self.processes[backend].join(5)
+            code = self.processes[backend].exitcode
+            raise RuntimeError(f"the {backend} worker died (exit code {code}; out of memory?)") from None
+        if kind == "error":
+            raise CovipalError(payload)
+        if kind == "bug":
+            raise RuntimeError(f"the {backend} worker failed:\n{payload}")
+        return payload
+
+    def _stop(self, backend: str) -> None:
+        conn, process = self.conns.pop(backend), self.processes.pop(backend)
+        try:
+            conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        conn.close()
+        process.join(30)
+        if process.is_alive():
+            process.terminate()
+            process.join()
+
+    def close(self) -> None:
+        for backend in list(self.conns):
+            self._stop(backend)
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def measure_all(workers: Workers, backends: list[str], budgets: list[int], warmup: int,
+                repeats: int) -> dict[tuple[str, int], list[dict]]:
+    """Rounds of one call per (budget, backend), order reversed every other round; warm-up rounds dropped."""
+    order = [(budget, backend) for budget in budgets for backend in backends]
+    samples: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    with tqdm(total=(warmup + repeats) * len(order), unit="call", leave=False, disable=None, file=sys.stderr) as bar:
+        for round_ in range(warmup + repeats):
+            for budget, backend in order if round_ % 2 == 0 else order[::-1]:
+                bar.set_description(f"{'warm-up' if round_ < warmup else 'timed'} {backend} k={budget}")
+                sample = workers.measure(backend, budget)
+                if round_ >= warmup:
+                    samples[(backend, budget)].append(sample)
+                bar.update()
+    return samples
+
+
+def model_size_mb(directory: Path, manifest: Manifest, backend: str) -> float | None:
+    """On disk: the ONNX graphs (with external weights) for ort, the engines for trt; None for torch."""
+    if backend == "ort":
+        files = [f for g in manifest.graphs.values() for f in (g.file, g.external_data) if f]
+        return sum(manifest.files[f].bytes for f in files) / 2**20
+    if backend == "trt":
+        engines = list((directory / "trt").glob("*.engine"))
+        return sum(p.stat().st_size for p in engines) / 2**20 if engines else None
+    return None
+
+
+def machine_info(threads: int) -> dict:
+    import onnxruntime
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": round(memory, 1), "gpu": device_name(),
+            "threads": threads, "load_average_start": [round(x, 2) for x in os.getloadavg()],
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def model_info(directory: Path, manifest: Manifest, args, prompt_length: int) -> dict:
+    from covipal.models.registry import LLAVA_SPECS
+
+    model, pruning = manifest.model, manifest.pruning
+    full_layers = LLAVA_SPECS[model.name].num_layers if model.name in LLAVA_SPECS else manifest.decoder.num_layers
+    info = {"name": model.name, "random_weights": model.random_weights, "dtype": model.dtype,
+            "decoder_layers": manifest.decoder.num_layers, "full_decoder_layers": full_layers,
+            "hidden_size": model.hidden_size, "vocab_size": model.vocab_size, "num_visual_tokens":
+            model.num_visual_tokens, "text_tokens": prompt_length - model.num_visual_tokens,
+            "prompt": "synthetic" if manifest.tokenizer is None else {"image": str(args.image),
+                                                                      "question": args.question},
+            "strategy": pruning.strategy, "pruning_note": pruning.note, "export_dir": str(directory)}
+    if pruning.ppm is not None:
+        from covipal.modeling_ppm import PPMConfig, PruningModule
+
+        ppm = PruningModule(PPMConfig(**pruning.ppm.config))
+        info["ppm_params"] = ppm.num_parameters()
+        info["ppm_gflops"] = round(ppm.flops(model.num_visual_tokens, info["text_tokens"]) / 1e9, 3)
+    return info
+
+
+def describe_run(model: dict, machine: dict, settings: dict) -> str:
+    layers = model["decoder_layers"]
+    reduced = (f" ({layers} of its {model['full_decoder_layers']} decoder layers, --layers {layers})"
+               if layers != model["full_decoder_layers"] else f" ({layers} decoder layers)")
+    weights = "random weights" if model["random_weights"] else "its weights"
+    return "\n".join([
+        f"model: {model['name']}{reduced}, {weights}, {model['dtype']}; D={model['hidden_size']}, "
+        f"N={model['num_visual_tokens']} visual + T={model['text_tokens']} text tokens; pruning: {model['strategy']}"
+        + (f" ({model['ppm_gflops']} GFLOPs)" if "ppm_gflops" in model else ""),
+        f"machine: {machine['cpu']}, {machine['cpu_count']} CPUs, {machine['memory_gib']} GiB, GPU: "
+        f"{machine['gpu'] or 'none'}; {settings['threads']} threads; load average at start "
+        f"{machine['load_average_start'][0]}",
+        f"calls: {settings['warmup']} warm-up + {settings['repeats']} timed rounds, interleaved; "
+        f"{settings['new_tokens']} new tokens per call; medians [min-max]; peak RSS: each backend's own process, "
+        f"{settings['peak_mode']}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    requested_budgets, backends = parse_budgets(args.budgets), parse_backends(args.backends)
+    if args.plot:
+        require_matplotlib()
+    if args.warmup < 0:
+        raise CovipalError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.layers and not args.random_weights:
+        raise CovipalError("--layers needs --random-weights (pretrained weights keep all their layers)")
+    quiet_libraries()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the workers
+    directory, manifest = prepared_export(args)
+    num_visual = manifest.model.num_visual_tokens
+    budgets = resolve_budgets(requested_budgets, num_visual)
+    machine = machine_info(args.threads)
+    specs = [WorkerSpec(str(directory), b, args.threads, str(args.image), args.question, args.text_tokens,
+                        args.new_tokens, None) for b in backends]
+    with Workers(specs) as workers:
+        for backend, why in workers.skipped.items():
+            print(f"{backend}: skipped: {why}", file=sys.stderr)
+        live = [b for b in backends if b in workers.info]
+        if not live:
+            raise CovipalError(f"no backend could run: {'; '.join(f'{b}: {w}' for b, w in workers.skipped.items())}")
+        start = time.perf_counter()
+        samples = measure_all(workers, live, budgets, args.warmup, args.repeats)
+        seconds = time.perf_counter() - start
+    first = workers.info[live[0]]
+    settings = {"repeats": args.repeats, "warmup": args.warmup, "new_tokens": args.new_tokens,
+                "threads": args.threads, "peak_mode": first["peak_mode"], "seconds": round(seconds, 1),
+                "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+    model = model_info(directory, manifest, args, first["prompt_length"])
+    records = [summarize(samples[(b, k)], b, k, num_visual,
+                         {"runtime": workers.info[b]["backend"], "model_mb": model_size_mb(directory, manifest, b)})
+               for b in live for k in budgets]
+    rows = ratios(records, model["text_tokens"])
+    print(describe_run(model, machine, settings))
+    print(f"\n{records_table(records)}\n\n{ratios_table(rows)}")
+    for b in live:
+        print(f"{b}: {workers.info[b]['reason']}; loaded in {workers.info[b]['load_s']} s", file=sys.stderr)
+    if args.json:
+        report = {"machine": machine, "model": model, "settings": settings, "records": records, "ratios": rows,
+                  "skipped": [{"backend": b, "reason": w} for b, w in workers.skipped.items()],
+                  "workers": {b: workers.info[b] for b in live}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        title = describe_run(model, machine, settings).splitlines()[0]
+        plot(records, model["text_tokens"], title, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

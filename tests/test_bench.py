@@ -1,0 +1,111 @@
+"""Smoke test of `python -m covipal_export.bench` on tiny-random-llava: records, ratios, skipped rows, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from covipal.cli import run
+from covipal_export.bench import main
+
+NUM_VISUAL = 64  # tiny-random-llava
+RECORD_FIELDS = {"backend": str, "budget": int, "vision_ms": float, "prune_ms": float, "prefill_ms": float,
+                 "ttft_ms": float, "decode_ms_per_token": float, "peak_mem_mb": float}
+
+
+def bench(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: main(list(args)))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def report(work_dir):
+    out = work_dir / "bench.json"
+    argv = ["--model", "tiny-random-llava", "--budgets", "8,all", "--backends", "torch,ort,trt", "--work-dir",
+            str(work_dir), "--no-verify", "--repeats", "2", "--warmup", "0", "--new-tokens", "3", "--threads", "1",
+            "--json", str(out), "--plot", str(work_dir / "bench.png")]
+    with pytest.raises(SystemExit) as exit_:
+        run(lambda: main(argv))
+    assert exit_.value.code == 0
+    return json.loads(out.read_text())
+
+
+def test_records_have_every_field_per_backend_and_budget(report, work_dir):
+    records = report["records"]
+    assert [(r["backend"], r["budget"]) for r in records] == [("torch", 64), ("torch", 8), ("ort", 64), ("ort", 8)]
+    for r in records:
+        for name, kind in RECORD_FIELDS.items():
+            assert isinstance(r[name], kind), (name, r[name])
+        assert r["repeats"] == 2 and r["tokens_total"] == NUM_VISUAL and r["tokens_kept"] == r["budget"]
+        assert all(r[name] > 0 for name in ("vision_ms", "prune_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token"))
+        assert r["ttft_ms"] >= r["vision_ms"] + r["prune_ms"] + r["prefill_ms"]
+        assert r["range"]["prefill_ms"][0] <= r["prefill_ms"] <= r["range"]["prefill_ms"][1]
+        assert r["peak_mem_mb"] > 50 and r["device_mem_mb"] is None
+    text = report["model"]["text_tokens"]
+    assert {r["prefill_length"] for r in records} == {NUM_VISUAL + text, 8 + text}
+    assert records[0]["model_mb"] is None and records[2]["model_mb"] > 0  # torch has no file, ort its graphs
+    assert report["machine"]["threads"] == 1 and report["machine"]["cpu_count"] >= 1
+    assert report["model"]["name"] == "tiny-random-llava" and report["model"]["decoder_layers"] == 2
+    assert (work_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratios_are_computed_from_the_records(report):
+    by_key = {(r["backend"], r["budget"]): r for r in report["records"]}
+    text = report["model"]["text_tokens"]
+    rows = {(r["backend"], r["budget"]): r for r in report["ratios"]}
+    for (backend, budget), row in rows.items():
+        record, full = by_key[(backend, budget)], by_key[(backend, NUM_VISUAL)]
+        assert row["prefill_speedup"] == full["prefill_ms"] / record["prefill_ms"]
+        assert row["ttft_speedup"] == full["ttft_ms"] / record["ttft_ms"]
+        assert row["prefill_speedup_theory"] == (NUM_VISUAL + text) / (budget + text)
+        assert row["ppm_share"] == record["ppm_select_ms"] / full["prefill_ms"]
+    assert rows[("ort", 8)]["prefill_vs_torch"] == by_key[("torch", 8)]["prefill_ms"] / by_key[("ort", 8)]["prefill_ms"]
+    assert rows[("ort", 64)]["decode_vs_torch"] == (by_key[("torch", 64)]["decode_ms_per_token"]
+                                                    / by_key[("ort", 64)]["decode_ms_per_token"])
+    assert rows[("torch", 8)]["prefill_vs_torch"] is None and rows[("torch", 64)]["prefill_speedup"] == 1.0
+
+
+def test_an_unavailable_backend_is_a_skipped_row(report):
+    assert [s["backend"] for s in report["skipped"]] == ["trt"]
+    assert report["skipped"][0]["reason"]
+    assert "trt" not in {r["backend"] for r in report["records"]}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--budgets", "0", "--backends", "ort"), "--budgets takes positive integers and 'all', got '0'"),
+    (("--budgets", "8,x", "--backends", "ort"), "--budgets takes positive integers and 'all', got 'x'"),
+    (("--budgets", "8", "--backends", "ort,onnx"), "unknown backend 'onnx' in --backends"),
+    (("--budgets", "8", "--backends", "ort", "--layers", "2"), "--layers needs --random-weights"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, args, message):
+    code, out, err = bench(capsys, "--model", "tiny-random-llava", *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
+
+
+def test_budget_over_n_is_refused_after_the_export_is_opened(capsys, report, work_dir):
+    code, _, err = bench(capsys, "--model", "tiny-random-llava", "--budgets", "65", "--backends", "ort",
+                         "--work-dir", str(work_dir), "--no-verify")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1] == "error: budget 65 is larger than the 64 visual tokens of this model"
+    assert lines[0].startswith("reusing the export in") and len(lines) == 2  # no new export
+
+
+def test_plot_without_matplotlib_is_one_line_exit_2(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, _, err = bench(capsys, "--model", "tiny-random-llava", "--budgets", "8", "--backends", "ort",
+                         "--work-dir", str(tmp_path), "--plot", str(tmp_path / "p.png"))
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --plot needs matplotlib: pip install 'covipal-export[tools]' (or matplotlib)"]
+    assert not any(tmp_path.iterdir())  # refused before exporting anything
