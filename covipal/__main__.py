@@ -47,8 +47,8 @@ def main() -> int:
 
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     model = load_model(args.model, path=args.model_path)
-    ppm_dir = args.ppm or bundled_ppm(args.model)
-    ppm = PruningModule.load(ppm_dir) if ppm_dir and args.strategy == "ppm" else None
+    ppm_dir = args.ppm or (bundled_ppm(args.model) if args.strategy == "ppm" else None)
+    ppm = PruningModule.load(ppm_dir) if ppm_dir else None
     strategy = make_strategy(args.strategy, language_model=model.language_model, ppm=ppm, seed=args.seed)
     start = time.perf_counter()
     out = generate(model, [args.image], [args.question], strategy=strategy, budget=args.budget,

@@ -198,8 +198,8 @@ def main() -> int:
     from covipal.strategies import make_strategy
 
     model = load_model(args.model)
-    ppm_dir = args.ppm or bundled_ppm(args.model)
-    ppm = PruningModule.load(ppm_dir) if ppm_dir and "ppm" in strategy_names else None
+    ppm_dir = args.ppm or (bundled_ppm(args.model) if "ppm" in strategy_names else None)
+    ppm = PruningModule.load(ppm_dir) if ppm_dir else None
     strategies = {name: make_strategy(name, language_model=model.language_model, ppm=ppm, seed=args.seed)
                   for name in strategy_names}
     answers = easy_vqa.answers()
