@@ -57,3 +57,14 @@ def mini_demo_export(tmp_path_factory) -> Path:
         pass
     out = tmp_path_factory.mktemp("mini-demo") / demo.name
     return export_model(ExportOptions(**MINI_DEMO, out=out, verify=False)).directory
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """tiny-random-llava exported once per session (fp32, budget 8, no engines; test_export.py covers verification).
+
+    Shared read-only: tests that change an export work on a copy."""
+    from covipal_export.exporter import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("tiny-export") / "tiny-b8"
+    return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, verify=False)).directory

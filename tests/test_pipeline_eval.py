@@ -12,7 +12,6 @@ from covipal.cli import run as run_cli
 from covipal_export import pipeline_eval
 from covipal_export.runtime import Pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = requires_mini
 
@@ -26,10 +25,10 @@ def test_pipeline_answers_equal_covipal_eval(export_dir):
     from covipal.data import easy_vqa
 
     pipe = Pipeline.from_dir(export_dir, backend="ort")
-    examples = easy_vqa.sample(easy_vqa.load_split("test"), 32, seed=0)  # covipal.eval --limit 32's questions
+    examples = easy_vqa.sample(easy_vqa.load_split("test"), 16, seed=0)  # covipal.eval --limit 16's questions
     result = pipeline_eval.compare(pipe, examples)
-    assert (result.strategy, result.budget, result.position_policy, result.n) == ("uniform", 100, "keep", 32)
-    assert len(result.pipeline_answers) == 32 and result.pipeline_answers == result.reference_answers
+    assert (result.strategy, result.budget, result.position_policy, result.n) == ("uniform", 100, "keep", 16)
+    assert len(result.pipeline_answers) == 16 and result.pipeline_answers == result.reference_answers
     assert result.differ == 0 and result.pipeline_accuracy == result.reference_accuracy
     assert result.pipeline_accuracy > 0.5  # well above the 37 % majority answer: the scoring picks real answers
 

@@ -21,7 +21,6 @@ from covipal.cli import run as run_cli
 from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, generate_from_batch
 from covipal_export import names
-from covipal_export.exporter import ExportOptions, export_model
 from covipal_export.manifest import load_manifest
 from covipal_export.reference import reference_from_manifest
 from covipal_export.runtime import Pipeline, selection
@@ -33,10 +32,8 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    """tiny-random-llava exported once (fp32, budget 8; test_export.py covers verification)."""
-    out = tmp_path_factory.mktemp("runtime") / "tiny-b8"
-    return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, verify=False)).directory
+def export_dir(tiny_export) -> Path:
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import torch
 
 from covipal.cli import run as run_cli
 from covipal.errors import CovipalError
-from covipal_export.exporter import ExportOptions, export_model
 from covipal_export.runtime import Pipeline, selection, trt_backend
 from covipal_export.runtime.cli import main as run_trt_main
 from covipal_export.trt_build import ENGINE_DIR, build_engines, import_tensorrt
@@ -35,10 +34,8 @@ no_gpu = pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine wit
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> Path:
-    """tiny-random-llava exported once (fp32, budget 8), without engines."""
-    out = tmp_path_factory.mktemp("trt-runtime") / "tiny-b8"
-    return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, verify=False)).directory
+def export_dir(tiny_export) -> Path:
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
