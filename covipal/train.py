@@ -75,8 +75,9 @@ def answer_ids(model: VisionLanguageModel, answer: str) -> list[int]:
     return ids[len(prompt_ids):] + eos_token_ids(model)[:1]
 
 
-def pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask `[B, L]`, left-padded like the prompt processor."""
+def pad_left(model: VisionLanguageModel, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask `[B, L]`, left-padded with the model's pad token like the prompt processor."""
+    pad = model.text_config.pad_token_id or 0
     length = max(len(r) for r in rows)
     input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
@@ -85,7 +86,7 @@ def pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 def prompt_text(model: VisionLanguageModel, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """What the PPM reads of the prompts: text_embeds [B, T, D] and text_mask [B, T]."""
-    input_ids, attention_mask = pad_left(prompts, model.text_config.pad_token_id or 0)
+    input_ids, attention_mask = pad_left(model, prompts)
     return text_for_scoring(model.embed_prompt(input_ids), input_ids, attention_mask, model.image_token_id)
 
 
@@ -125,7 +126,7 @@ def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], g
         for start in tqdm(range(0, len(examples), batch_size), desc=f"labels (layer {guide_layer})", unit="batch",
                           file=sys.stderr):
             rows = range(start, min(start + batch_size, len(examples)))
-            input_ids, attention_mask = pad_left([prompts[i] for i in rows], model.text_config.pad_token_id or 0)
+            input_ids, attention_mask = pad_left(model, [prompts[i] for i in rows])
             tokens = visual[[image_row[i] for i in rows]].float()  # [b, N, D]
             full = prune_prompt(model.embed_prompt(input_ids), input_ids, attention_mask, tokens,
                                 model.image_token_id, None, None)
@@ -157,12 +158,12 @@ def stage1_loss(scores: torch.Tensor, labels: torch.Tensor, rank_weight: float) 
     return loss
 
 
-def stage2_loss(model: VisionLanguageModel, data: TrainingSet, rows: list[int], scores: torch.Tensor, budget: int,
-                temperature: float, kl_weight: float) -> torch.Tensor:
-    """Answer cross-entropy (+ KL to the unpruned model) with the scores as soft key biases in every layer."""
+def stage2_loss(model: VisionLanguageModel, data: TrainingSet, rows: list[int], visual: torch.Tensor,
+                scores: torch.Tensor, budget: int, temperature: float, kl_weight: float) -> torch.Tensor:
+    """Answer cross-entropy (+ KL to the unpruned model) with the scores [B, N] of the visual tokens [B, N, D]
+    as soft key biases in every layer."""
     sequences = [data.prompts[i] + data.answers[i] for i in rows]
-    input_ids, attention_mask = pad_left(sequences, model.text_config.pad_token_id or 0)  # [B, L]
-    visual = data.visual[[data.image_row[i] for i in rows]].float()  # [B, N, D]
+    input_ids, attention_mask = pad_left(model, sequences)  # [B, L]
     full = prune_prompt(model.embed_prompt(input_ids), input_ids, attention_mask, visual, model.image_token_id,
                         None, None)
     start = image_span(input_ids, model.image_token_id, model.num_visual_tokens)  # [B]
@@ -268,12 +269,13 @@ def main() -> int:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, args.warmup)
         text_embeds, text_mask = prompt_text(model, [data.prompts[i] for i in rows])
-        scores = ppm(data.visual[[data.image_row[i] for i in rows]].float(), text_embeds, text_mask)  # [B, N]
+        visual = data.visual[[data.image_row[i] for i in rows]].float()  # [B, N, D]
+        scores = ppm(visual, text_embeds, text_mask)  # [B, N]
         if stage == 1:
             loss = stage1_loss(scores, data.labels[rows], args.rank_weight)
         else:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = stage2_loss(model, data, rows, scores, budgets[step % len(budgets)], args.temperature,
+                loss = stage2_loss(model, data, rows, visual, scores, budgets[step % len(budgets)], args.temperature,
                                    args.kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

