@@ -12,7 +12,8 @@ Several guide layers can be read in one pass (a sweep). The decoders in the regi
 style (LLaVA-1.5's Vicuna, SmolLM2), so RoPE and grouped KV heads follow transformers' Llama code.
 
 `python -m covipal.attention_labels` runs the guide-layer sweep: the labels of test questions used
-as an oracle selection, accuracy per layer and budget (which layer is worth imitating).
+as an oracle selection, accuracy per layer and budget (which layer is worth imitating);
+`--answer-gradient` adds the answer-gradient teacher (covipal.gradient_labels) as one more row.
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ class OracleScores(Strategy):
         return self.fixed
 
 
+def _answer_gradient(model: VisionLanguageModel, examples: list, visual_tokens: torch.Tensor) -> torch.Tensor:
+    """covipal.gradient_labels for a batch of easy-VQA examples, `[B, N]`."""
+    from covipal.gradient_labels import answer_gradient_labels
+    from covipal.train import answer_ids, pad_left
+
+    answers = [answer_ids(model, e.answer) for e in examples]
+    processor = model.require_processor()
+    input_ids, attention_mask = pad_left(model, [processor.tokenize(e.question) + a for e, a in zip(examples, answers)])
+    return answer_gradient_labels(model, input_ids, attention_mask, [len(a) for a in answers], visual_tokens)
+
+
 def _parse_layers(text: str) -> list[int]:
     try:
         return sorted({int(item) for item in text.split(",")})
@@ -116,6 +128,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=200, help="test questions (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question subset, as in covipal.eval")
+    parser.add_argument("--answer-gradient", action="store_true",
+                        help="add a row for the answer-gradient labels (covipal.gradient_labels), which use the answer")
     return parser
 
 
@@ -143,7 +157,9 @@ def main() -> int:
             embeds = model.embed_prompt(batch.input_ids)  # [B, L, D]
             full = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id, None, None)
             labels = visual_attention_labels(model, full.inputs_embeds, batch.input_ids, batch.attention_mask, layers)
-            for layer in layers:
+            if args.answer_gradient:
+                labels["answer-gradient"] = _answer_gradient(model, chunk, visual)
+            for layer in labels:
                 for budget in budgets:
                     prompt = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
                                           OracleScores(labels[layer]), budget)
@@ -152,7 +168,7 @@ def main() -> int:
                     correct[(layer, budget)] += int((logits[:, candidates].argmax(-1) == gold).sum())
     print("| guide layer | " + " | ".join(f"k={b}" for b in budgets) + " |")
     print("|---|" + "---|" * len(budgets))
-    for layer in layers:
+    for layer in layers + (["answer-gradient"] if args.answer_gradient else []):
         print(f"| {layer} | " + " | ".join(f"{100 * correct[(layer, b)] / len(examples):.1f}" for b in budgets) + " |")
     print(f"\n{args.model}, n = {len(examples)} easy-VQA test questions, oracle = top-k attention labels", file=sys.stderr)
     return 0

@@ -23,11 +23,13 @@ from tqdm import tqdm
 import covipal
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.errors import CovipalError
-from covipal.models import MODEL_NAMES
+from covipal.modeling_ppm import WEIGHTS_FILE
+from covipal.models import MODEL_NAMES, bundled_ppm
 from covipal.strategies import STRATEGY_NAMES
 from covipal_export.bench_report import plot, ratios, ratios_table, records_table, require_matplotlib, summarize
 from covipal_export.bench_worker import BACKEND_NAMES, WorkerSpec, device_name, serve
 from covipal_export.manifest import Manifest
+from covipal_export.names import MANIFEST_FILE
 
 DEFAULT_WORK_DIR = Path("engines/bench")
 DEFAULT_IMAGE = Path(covipal.__file__).parent / "assets" / "astronaut.jpg"
@@ -109,8 +111,8 @@ def export_name(args) -> str:
     return "-".join(p for p in parts if p)
 
 
-def mismatch(manifest: Manifest, args) -> str | None:
-    """Why an existing export does not match the options, or None."""
+def mismatch(directory: Path, manifest: Manifest, args) -> str | None:
+    """Why the existing export in `directory` does not match the options, or None."""
     model, pruning = manifest.model, manifest.pruning
     checks = [("model", model.name, args.model), ("random weights", model.random_weights, args.random_weights),
               ("dtype", model.dtype, args.dtype)]
@@ -118,9 +120,14 @@ def mismatch(manifest: Manifest, args) -> str | None:
         checks.append(("decoder layers", manifest.decoder.num_layers, args.layers))
     if args.strategy:
         checks.append(("strategy", pruning.strategy, args.strategy))
-    if args.ppm:
-        checks.append(("PPM", pruning.ppm and pruning.ppm.checkpoint, str(args.ppm.resolve())))
-    return next((f"{what} is {have}, not {want}" for what, have, want in checks if have != want), None)
+    # export.py's default for a model with a bundled PPM is that PPM
+    ppm = args.ppm or (bundled_ppm(args.model) if args.strategy in (None, "ppm") and not args.random_weights else None)
+    if ppm:
+        checks.append(("PPM", pruning.ppm and pruning.ppm.checkpoint, str(ppm.resolve())))
+    why = next((f"{what} is {have}, not {want}" for what, have, want in checks if have != want), None)
+    if why is None and ppm and (ppm / WEIGHTS_FILE).stat().st_mtime > (directory / MANIFEST_FILE).stat().st_mtime:
+        why = f"the PPM checkpoint {ppm} changed after the export"
+    return why
 
 
 def prepared_export(args) -> tuple[Path, Manifest]:
@@ -132,7 +139,7 @@ def prepared_export(args) -> tuple[Path, Manifest]:
     if directory.exists():
         try:
             manifest = open_export(directory)
-            why = mismatch(manifest, args)
+            why = mismatch(directory, manifest, args)
         except CovipalError as exc:
             why = str(exc)
         if why is None:

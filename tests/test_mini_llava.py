@@ -19,7 +19,7 @@ from covipal.models.mini_llava import PPM_DIR, PROJECTOR_DIR, MiniLlavaProjector
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTOR_SHA256 = "2f148aefbc48839a6d54c2086731edc3672ba50c29a833725a79f808d66e76a7"
-PPM_SHA256 = "24124cac14b3764b920d7d4f21d5db8ee67c90f9acfc64b376395b5efdb14ae9"
+PPM_SHA256 = "1d7f764f70781e1f760f9df469d418cbb3094706f63768ab5040b7b11a9a3867"
 
 pytestmark = requires_mini
 
@@ -52,7 +52,7 @@ def test_bundled_ppm_is_the_default_for_eval_and_export(mini):
     assert hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest() == PPM_SHA256
     record = json.loads((directory / "config.json").read_text())["metadata"]
     assert record["command"].startswith("python -m covipal.train --model mini-llava --stage 1")
-    assert record["seed"] == 0 and record["guide_layer"] == 15
+    assert record["seed"] == 0 and record["labels"] == "answer-gradient" and record["target"] == "normal-rank"
     ppm = PruningModule.load(directory)
     assert (ppm.config.hidden_size, ppm.config.grid_size) == (576, 14)
     strategy, pruning = choose_pruning(mini, None, None, 32, "keep", 0)  # export.py --model mini-llava, no strategy

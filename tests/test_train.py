@@ -15,10 +15,12 @@ from PIL import Image
 from covipal.attention_labels import OracleScores, visual_attention_labels
 from covipal.data.instruct_json import load_instruct_json
 from covipal.errors import CovipalError
+from covipal.gradient_labels import answer_gradient_labels
 from covipal.modeling_ppm import PruningModule
 from covipal.models import load_model
 from covipal.pruning import image_span, prune_prompt
-from covipal.soft_pruning import soft_key_bias, soft_pruning_mask
+from covipal.soft_pruning import answer_loss, soft_key_bias, soft_pruning_mask
+from covipal.train import answer_ids, normal_ranks, pad_left
 
 
 def full_prompt(model, images, questions):
@@ -74,6 +76,43 @@ def test_minus_infinity_bias_is_hard_pruning(tiny, images, questions, policy_bud
         reference = tiny.language_model(inputs_embeds=hard.inputs_embeds, attention_mask=hard.attention_mask,
                                         position_ids=hard.position_ids).last_hidden_state[:, -1]
     torch.testing.assert_close(soft, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_answer_gradient_labels_are_the_loss_slope_per_token(images, questions):
+    """Each label is minus the finite-difference slope of the answer's loss along that token's key bias, and
+    a row's labels do not depend on the other rows of the batch."""
+    model = load_model("tiny-random-llava").double()  # a private copy, in float64 for the finite differences
+    processor = model.require_processor()
+    answers = [answer_ids(model, a) for a in ("a red apple", "two")]
+    rows = [processor.tokenize(q) + a for q, a in zip(questions[1:3], answers)]  # different lengths: left padding
+    input_ids, attention_mask = pad_left(model, rows)
+    with torch.no_grad():
+        visual = model.encode_images(processor(images[:2], questions[1:3]).pixel_values.double())  # [2, N, D]
+    lengths = [len(a) for a in answers]
+    labels = answer_gradient_labels(model, input_ids, attention_mask, lengths, visual)
+    assert labels.shape == (2, model.num_visual_tokens) and labels.abs().sum() > 0
+
+    def loss(bias):
+        with torch.no_grad():
+            return answer_loss(model, input_ids, attention_mask, lengths, visual, bias, reduction="sum").item()
+
+    eps = 1e-2  # central differences; smaller steps drown in the decoder's float32 internals
+    for b, token in [(0, 0), (0, 17), (1, 40), (1, 63)]:
+        step = torch.zeros_like(labels)
+        step[b, token] = eps
+        slope = (loss(step) - loss(-step)) / (2 * eps)
+        assert abs(-slope - labels[b, token].item()) < 2e-4 + 1e-2 * abs(slope)
+
+    alone = answer_gradient_labels(model, input_ids[1:], attention_mask[1:], lengths[1:], visual[1:])
+    torch.testing.assert_close(alone[0], labels[1].float(), rtol=1e-6, atol=1e-9)
+
+
+def test_normal_ranks_keep_the_order_and_drop_the_outliers():
+    labels = torch.tensor([[3.0, 1000.0, -1.0, 0.0], [0.5, 0.25, 0.125, 2.0]])
+    target = normal_ranks(labels)
+    quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    torch.testing.assert_close(target, quantiles[labels.argsort(-1).argsort(-1)])
+    assert torch.equal(target[0], normal_ranks(labels[:1] * 1e-3 - 5)[0])  # scale and shift do not matter
 
 
 def test_soft_key_bias_is_centred_on_the_budget():
@@ -135,6 +174,14 @@ def test_training_on_tiny_lowers_the_loss_and_writes_a_checkpoint(tmp_path):
     ppm = PruningModule.load(tmp_path / "s2")
     assert ppm.config.num_visual_tokens == 64 and not (tmp_path / "s2" / "train_state.pt").exists()
 
+    gradient = train("--data", data, "--stage", 1, "--labels", "answer-gradient", "--out", tmp_path / "g1", "--steps",
+                     40, "--batch-size", 6, "--lr", "3e-3", "--cache-dir", cache)
+    assert gradient.returncode == 0, gradient.stderr
+    record = json.loads((tmp_path / "g1" / "config.json").read_text())["metadata"]
+    assert record["loss_last_20"] < record["loss_first_20"]
+    assert record["labels"] == "answer-gradient" and record["guide_layer"] is None
+    assert len(list(cache.glob("answer-gradient-tiny-random-llava-*.pt"))) == 1
+
 
 def test_training_is_deterministic_and_resumes(tmp_path):
     data = write_dataset(tmp_path, 3)
@@ -159,8 +206,19 @@ def test_training_is_deterministic_and_resumes(tmp_path):
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == weights and not state.exists()
 
 
+def test_guide_layer_sweep_with_the_answer_gradient_row():
+    result = subprocess.run([sys.executable, "-m", "covipal.attention_labels", "--model", "tiny-random-llava",
+                             "--layers", "0,1", "--budgets", "8,2", "--limit", "4", "--answer-gradient"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "k=" not in line]
+    assert [r[0].strip() for r in rows] == ["0", "1", "answer-gradient"]
+    assert all(len(r) == 3 and all(0 <= float(v) <= 100 for v in r[1:]) for r in rows)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--stage", 3, "--out", "x"], "argument --stage: invalid choice"),
+    (["--stage", 1, "--out", "x", "--labels", "oracle"], "argument --labels: invalid choice"),
     (["--stage", 2, "--out", "x", "--budgets", "8,64"], "--budgets must be below the model's 64 visual tokens"),
     (["--stage", 1, "--out", "x", "--budgets", "8,zero"], "--budgets takes comma-separated positive integers"),
     (["--stage", 1, "--out", "x", "--data", "nope.json"], "no such data file: nope.json"),
