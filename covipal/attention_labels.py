@@ -103,12 +103,11 @@ class OracleScores(Strategy):
 def _answer_gradient(model: VisionLanguageModel, examples: list, visual_tokens: torch.Tensor) -> torch.Tensor:
     """covipal.gradient_labels for a batch of easy-VQA examples, `[B, N]`."""
     from covipal.gradient_labels import answer_gradient_labels
-    from covipal.train import answer_ids, pad_left
+    from covipal.train import answer_ids, pad_answered
 
-    answers = [answer_ids(model, e.answer) for e in examples]
-    processor = model.require_processor()
-    input_ids, attention_mask = pad_left(model, [processor.tokenize(e.question) + a for e, a in zip(examples, answers)])
-    return answer_gradient_labels(model, input_ids, attention_mask, [len(a) for a in answers], visual_tokens)
+    prompts = [model.require_processor().tokenize(e.question) for e in examples]
+    input_ids, attention_mask, lengths = pad_answered(model, prompts, [answer_ids(model, e.answer) for e in examples])
+    return answer_gradient_labels(model, input_ids, attention_mask, lengths, visual_tokens)
 
 
 def _parse_layers(text: str) -> list[int]:

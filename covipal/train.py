@@ -87,6 +87,13 @@ def pad_left(model: VisionLanguageModel, rows: list[list[int]]) -> tuple[torch.T
     return input_ids, attention_mask
 
 
+def pad_answered(model: VisionLanguageModel, prompts: list[list[int]],
+                 answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Prompt + answer rows left-padded: input_ids and attention_mask `[B, L]`, and each row's answer length."""
+    input_ids, attention_mask = pad_left(model, [p + a for p, a in zip(prompts, answers)])
+    return input_ids, attention_mask, [len(a) for a in answers]
+
+
 def prompt_text(model: VisionLanguageModel, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """What the PPM reads of the prompts: text_embeds [B, T, D] and text_mask [B, T]."""
     input_ids, attention_mask = pad_left(model, prompts)
@@ -148,10 +155,10 @@ def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], t
                 labels.append(visual_attention_labels(model, full.inputs_embeds, input_ids, attention_mask,
                                                       [guide_layer])[guide_layer])
         else:
-            input_ids, attention_mask = pad_left(model, [prompts[i] + answers[i] for i in rows])
+            input_ids, attention_mask, lengths = pad_answered(model, [prompts[i] for i in rows],
+                                                              [answers[i] for i in rows])
             with torch.autocast("cpu", dtype=torch.bfloat16):  # 3-4x faster on CPU; correlation 0.99 with float32
-                labels.append(answer_gradient_labels(model, input_ids, attention_mask, [len(answers[i]) for i in rows],
-                                                     tokens))
+                labels.append(answer_gradient_labels(model, input_ids, attention_mask, lengths, tokens))
     labels = _save(torch.cat(labels), labels_cache)  # [num_examples, N]
     return TrainingSet(examples, prompts, answers, visual, image_row, labels)
 
@@ -191,9 +198,10 @@ def stage2_loss(model: VisionLanguageModel, data: TrainingSet, rows: list[int], 
                 scores: torch.Tensor, budget: int, temperature: float, kl_weight: float) -> torch.Tensor:
     """Answer cross-entropy (+ KL to the unpruned model) with the scores [B, N] of the visual tokens [B, N, D]
     as soft key biases in every layer."""
-    input_ids, attention_mask = pad_left(model, [data.prompts[i] + data.answers[i] for i in rows])  # [B, L]
-    return answer_loss(model, input_ids, attention_mask, [len(data.answers[i]) for i in rows], visual,
-                       soft_key_bias(scores, budget, temperature), kl_weight)
+    input_ids, attention_mask, lengths = pad_answered(model, [data.prompts[i] for i in rows],
+                                                      [data.answers[i] for i in rows])  # [B, L]
+    return answer_loss(model, input_ids, attention_mask, lengths, visual, soft_key_bias(scores, budget, temperature),
+                       kl_weight)
 
 
 def parse_budgets(text: str) -> list[int]:

@@ -24,12 +24,13 @@ import covipal
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.errors import CovipalError
 from covipal.modeling_ppm import WEIGHTS_FILE
-from covipal.models import MODEL_NAMES, bundled_ppm
+from covipal.models import MODEL_NAMES
 from covipal.strategies import STRATEGY_NAMES
 from covipal_export.bench_report import plot, ratios, ratios_table, records_table, require_matplotlib, summarize
 from covipal_export.bench_worker import BACKEND_NAMES, WorkerSpec, device_name, serve
 from covipal_export.manifest import Manifest
 from covipal_export.names import MANIFEST_FILE
+from covipal_export.reference import ppm_checkpoint
 
 DEFAULT_WORK_DIR = Path("engines/bench")
 DEFAULT_IMAGE = Path(covipal.__file__).parent / "assets" / "astronaut.jpg"
@@ -120,8 +121,7 @@ def mismatch(directory: Path, manifest: Manifest, args) -> str | None:
         checks.append(("decoder layers", manifest.decoder.num_layers, args.layers))
     if args.strategy:
         checks.append(("strategy", pruning.strategy, args.strategy))
-    # export.py's default for a model with a bundled PPM is that PPM
-    ppm = args.ppm or (bundled_ppm(args.model) if args.strategy in (None, "ppm") and not args.random_weights else None)
+    ppm = ppm_checkpoint(args.model, args.strategy, args.ppm)  # the PPM export.py would use
     if ppm:
         checks.append(("PPM", pruning.ppm and pruning.ppm.checkpoint, str(ppm.resolve())))
     why = next((f"{what} is {have}, not {want}" for what, have, want in checks if have != want), None)

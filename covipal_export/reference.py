@@ -59,14 +59,20 @@ def check_strategy(strategy: str | None, ppm: str | Path | None) -> None:
         raise CovipalError(f"no PPM checkpoint at {ppm}")
 
 
+def ppm_checkpoint(model_name: str, strategy: str | None, ppm: str | Path | None) -> Path | None:
+    """The trained PPM an export uses: `ppm` if given, else the bundled PPM unless another strategy is asked for."""
+    if ppm is not None:
+        return Path(ppm)
+    return bundled_ppm(model_name) if strategy in (None, "ppm") else None
+
+
 def choose_pruning(model: VisionLanguageModel, strategy: str | None, ppm: str | Path | None, budget: int,
                    position_policy: str, seed: int) -> tuple[Strategy, PruningSpec]:
     """The strategy to export (checked by `check_strategy`) and its manifest entry."""
-    bundled = bundled_ppm(model.info.name) if strategy in (None, "ppm") else None
-    if ppm is not None or bundled is not None:
-        ppm = ppm if ppm is not None else bundled
-        spec = PPMSpec(checkpoint=str(Path(ppm).resolve()), seed=None, config={})  # config: read below
-        note = f"trained PPM from {ppm}" + ("" if bundled is None else f" (bundled with {model.info.name})")
+    checkpoint = ppm_checkpoint(model.info.name, strategy, ppm)
+    if checkpoint is not None:
+        spec = PPMSpec(checkpoint=str(checkpoint.resolve()), seed=None, config={})  # config: read below
+        note = f"trained PPM from {checkpoint}" + ("" if ppm is not None else f" (bundled with {model.info.name})")
     elif strategy in (None, "ppm") and model.info.random_weights:
         config = default_ppm_config(model.hidden_size, model.num_visual_tokens)
         spec = PPMSpec(checkpoint=None, seed=seed, config=asdict(config))

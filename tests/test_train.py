@@ -20,7 +20,7 @@ from covipal.modeling_ppm import PruningModule
 from covipal.models import load_model
 from covipal.pruning import image_span, prune_prompt
 from covipal.soft_pruning import answer_loss, soft_key_bias, soft_pruning_mask
-from covipal.train import answer_ids, normal_ranks, pad_left
+from covipal.train import answer_ids, normal_ranks, pad_answered
 
 
 def full_prompt(model, images, questions):
@@ -84,11 +84,10 @@ def test_answer_gradient_labels_are_the_loss_slope_per_token(images, questions):
     model = load_model("tiny-random-llava").double()  # a private copy, in float64 for the finite differences
     processor = model.require_processor()
     answers = [answer_ids(model, a) for a in ("a red apple", "two")]
-    rows = [processor.tokenize(q) + a for q, a in zip(questions[1:3], answers)]  # different lengths: left padding
-    input_ids, attention_mask = pad_left(model, rows)
+    prompts = [processor.tokenize(q) for q in questions[1:3]]  # different lengths: left padding
+    input_ids, attention_mask, lengths = pad_answered(model, prompts, answers)
     with torch.no_grad():
         visual = model.encode_images(processor(images[:2], questions[1:3]).pixel_values.double())  # [2, N, D]
-    lengths = [len(a) for a in answers]
     labels = answer_gradient_labels(model, input_ids, attention_mask, lengths, visual)
     assert labels.shape == (2, model.num_visual_tokens) and labels.abs().sum() > 0
 
