@@ -316,7 +316,8 @@ def main() -> int:
     command = "python -m covipal.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     data_name = "easy-vqa train split" if args.data == "easy-vqa" else f"LLaVA-Instruct JSON {args.data}"
     ppm.eval().save(args.out, metadata={
-        "command": command, "model": args.model, "stage": stage, "init": str(args.init) if args.init else None,
+        "command": command, "model": args.model, "model_source": model.info.source, "stage": stage,
+        "init": str(args.init) if args.init else None,
         "labels": args.labels if stage == 1 else None,
         "guide_layer": guide_layer if stage == 1 and args.labels == "attention" else None, "seed": args.seed, "steps": steps,
         "batch_size": batch_size, "lr": lr, "data": f"{data_name}, seeded subset of {len(examples)} examples",

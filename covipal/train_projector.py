@@ -3,8 +3,10 @@
 Only the projector learns; EfficientNet-Lite0 and SmolLM2 stay frozen. The frozen vision features
 of every training image are computed once (and cached on disk). Each step runs a batch of
 (image, question, answer) through the language model and takes the cross-entropy of the answer
-tokens and `<|im_end|>`. bf16 autocast on the CPU, AdamW, linear warm-up then cosine decay.
-Deterministic for a seed; `DIR/train_state.pt` (written every `--save-every` steps) makes an
+tokens and `<|im_end|>`. With `--token-dropout P` (default 0.5), a share P of the questions sees
+only a random subset of the visual tokens (the others masked out as keys, positions unchanged), so
+that the frozen language model learns to answer from a pruned image. bf16 autocast on the CPU,
+AdamW, linear warm-up then cosine decay. Deterministic for a seed; `DIR/train_state.pt` (written every `--save-every` steps) makes an
 interrupted run resume where it stopped; the final projector is written to DIR with the command.
 """
 
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
+from covipal.cli import ArgumentParser, positive_int, probability, quiet_libraries, run
 from covipal.data import easy_vqa
 from covipal.models.base import VisionLanguageModel
 from covipal.models.mini_llava import MiniLlavaProjector, ProjectorConfig, build_mini_llava
@@ -61,14 +63,30 @@ def encode_examples(model: VisionLanguageModel, examples: list[easy_vqa.VQAExamp
     return encoded
 
 
+def token_dropout(batch: int, num_tokens: int, rate: float, min_keep: int, generator: torch.Generator) -> torch.Tensor:
+    """Which visual tokens each row reads `[B, N]` (bool): all of them, or with probability `rate` a random
+    subset of a random size in [min_keep, N], so that the projector learns tokens that still work pruned."""
+    keep = torch.ones(batch, num_tokens, dtype=torch.bool)
+    for row in range(batch):
+        if torch.rand((), generator=generator) < rate:
+            size = int(torch.randint(min(min_keep, num_tokens), num_tokens + 1, (), generator=generator))
+            dropped = torch.randperm(num_tokens, generator=generator)[size:]
+            keep[row, dropped] = False
+    return keep
+
+
 def answer_loss(model: VisionLanguageModel, projector: MiniLlavaProjector, features: torch.Tensor,
-                rows: list[tuple[list[int], int]]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens for a batch; features: [B, N, C]."""
+                rows: list[tuple[list[int], int]], visual_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens for a batch; features: [B, N, C]. A dropped visual token
+    (`visual_keep` [B, N] False) is masked out as a key and keeps its position, as pruning with
+    the `keep` position policy does."""
     length = max(len(ids) for ids, _ in rows)
     pad = model.text_config.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids, _ in rows])  # [B, L], right-padded
     attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows])
     image_mask = input_ids == model.image_token_id
+    if visual_keep is not None:
+        attention_mask[image_mask] = visual_keep.flatten().long()
     embeds = model.embed_prompt(input_ids)  # [B, L, D]
     visual = projector(features.float())  # [B, N, D]
     embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
@@ -94,6 +112,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="questions per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--warmup", type=positive_int, default=20, help="warm-up steps (default: %(default)s)")
+    parser.add_argument("--token-dropout", type=probability, default=0.5, metavar="P",
+                        help="share of questions that see only a random subset of the visual tokens (default: %(default)s)")
+    parser.add_argument("--min-keep", type=positive_int, default=16,
+                        help="smallest subset size under --token-dropout (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
     parser.add_argument("--save-every", type=positive_int, default=50, help="resume point every N steps")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
@@ -124,6 +146,7 @@ def main() -> int:
         projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
         order, step, losses = state["order"], state["step"], state["losses"]
+        generator.set_state(state["generator"])
 
     projector.train()
     progress = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="projector", unit="step")
@@ -132,8 +155,9 @@ def main() -> int:
         batch_features = features[[image_row[examples[i].image] for i in picks]]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        visual_keep = token_dropout(len(picks), batch_features.shape[1], args.token_dropout, args.min_keep, generator)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = answer_loss(model, projector, batch_features, [encoded[i] for i in picks])
+            loss = answer_loss(model, projector, batch_features, [encoded[i] for i in picks], visual_keep)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -141,11 +165,13 @@ def main() -> int:
         progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_resume_point(args.out, args, projector=projector.state_dict(), optimizer=optimizer.state_dict(),
-                              order=order, step=step + 1, losses=losses)
+                              order=order, step=step + 1, losses=losses,
+                              generator=generator.get_state())
 
     command = "python -m covipal.train_projector " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     projector.save(args.out, metadata={
         "command": command, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "token_dropout": args.token_dropout, "min_keep": args.min_keep,
         "data": f"easy-vqa train split ({len(examples)} questions, {len(paths)} images)",
         "vision": "EfficientNet-Lite0 stage 5 at 224x224, frozen", "llm": "SmolLM2-135M-Instruct Q4_1, frozen",
         "final_loss_mean_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4),

@@ -12,6 +12,7 @@ so the vocabulary (and the tied embeddings) stay as released.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import asdict, dataclass
@@ -121,7 +122,8 @@ def build_mini_llava(projector: MiniLlavaProjector | None = None, projector_dir:
     source = "EfficientNet-Lite0 (ImageNet) + projector + SmolLM2-135M-Instruct (GGUF Q4_1)"
     if projector is None:
         projector = MiniLlavaProjector.load(projector_dir)
-        source += f"; projector {projector_dir}"
+        digest = hashlib.sha256((Path(projector_dir) / PROJECTOR_WEIGHTS).read_bytes()).hexdigest()[:12]
+        source += f"; projector {projector_dir} (sha256 {digest})"  # caches of visual tokens key on it
     config = tower.config
     processor = PromptProcessor(
         tokenizer=tokenizer,
