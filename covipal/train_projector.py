@@ -6,8 +6,9 @@ of every training image are computed once (and cached on disk). Each step runs a
 tokens and `<|im_end|>`. With `--token-dropout P` (default 0.5), a share P of the questions sees
 only a random subset of the visual tokens (the others masked out as keys, positions unchanged), so
 that the frozen language model learns to answer from a pruned image. bf16 autocast on the CPU,
-AdamW, linear warm-up then cosine decay. Deterministic for a seed; `DIR/train_state.pt` (written every `--save-every` steps) makes an
-interrupted run resume where it stopped; the final projector is written to DIR with the command.
+AdamW, linear warm-up then cosine decay. Deterministic for a seed; `DIR/train_state.pt` (written
+every `--save-every` steps) makes an interrupted run resume where it stopped; the final projector
+is written to DIR with the command.
 """
 
 from __future__ import annotations

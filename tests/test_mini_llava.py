@@ -79,7 +79,7 @@ def test_answer_first_tokens_are_distinct(mini):
 
 def test_small_evaluation_beats_the_majority_answer_and_survives_pruning(mini):
     """All tokens beat always answering "yes"; the bundled PPM at 32 of 196 tokens keeps >= 90% of that
-    (the first projector, trained without token dropout, kept about 70%)."""
+    (the first projector, trained without token dropout, kept 74% on 200 questions)."""
     from covipal.models import bundled_ppm
     from covipal.modeling_ppm import PruningModule
     from covipal.strategies import make_strategy
