@@ -13,6 +13,7 @@ Checkpoints are a directory holding `config.json` and `model.safetensors`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -180,6 +181,11 @@ class PruningModule(nn.Module):
         return module.eval()
 
 
+def weights_sha256(directory: str | Path) -> str:
+    """The sha256 of a checkpoint's weights file: which PPM a record or cache refers to."""
+    return hashlib.sha256((Path(directory) / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
 def describe(ppm: PruningModule, num_visual: int, num_text: int) -> str:
     """One line with the parameter count and FLOPs, for logs and CLIs."""
     gflops = ppm.flops(num_visual, num_text) / 1e9
@@ -187,9 +193,9 @@ def describe(ppm: PruningModule, num_visual: int, num_text: int) -> str:
             f"at {num_visual} visual + {num_text} text tokens (d={ppm.config.dim}, blocks={ppm.config.num_blocks})")
 
 
-def default_ppm_config(hidden_size: int, num_visual_tokens: int, dim: int = 256) -> PPMConfig:
+def default_ppm_config(hidden_size: int, num_visual_tokens: int, dim: int = 256, num_blocks: int = 2) -> PPMConfig:
     """The default PPM for a model whose visual tokens form a square grid."""
     grid = math.isqrt(num_visual_tokens)
     if grid * grid != num_visual_tokens:
         raise CovipalError(f"the PPM needs a square grid of visual tokens, got {num_visual_tokens}")
-    return PPMConfig(hidden_size=hidden_size, grid_size=grid, dim=dim)
+    return PPMConfig(hidden_size=hidden_size, grid_size=grid, dim=dim, num_blocks=num_blocks)

@@ -4,7 +4,8 @@ Stage 1: the PPM regresses per-token labels of the frozen model, normalised per 
 optional ListNet ranking term. `--labels attention` (default): the attention the question pays each
 visual token at a guide layer (covipal.attention_labels); `--labels answer-gradient`: how much the
 answer's likelihood gains from each visual token, the slope of the stage-2 loss at the unpruned model
-(covipal.gradient_labels). Stage 2 (end to end): the PPM's scores enter every decoder layer as a key bias
+(covipal.gradient_labels); `--labels ppm --teacher-ppm DIR`: the scores of a trained PPM (to distil it into
+a smaller one). Stage 2 (end to end): the PPM's scores enter every decoder layer as a key bias
 (covipal.soft_pruning) at a budget drawn per step, and the loss is the answer's cross-entropy, plus an
 optional KL to the unpruned model's answer distribution. Stage 2 usually starts from a stage-1
 checkpoint (`--init`).
@@ -33,7 +34,7 @@ from covipal.data import easy_vqa
 from covipal.data.easy_vqa import VQAExample
 from covipal.errors import CovipalError
 from covipal.generation import eos_token_ids
-from covipal.modeling_ppm import PruningModule, default_ppm_config
+from covipal.modeling_ppm import PruningModule, default_ppm_config, weights_sha256
 from covipal.models.base import VisionLanguageModel
 from covipal.models.processing import load_image
 from covipal.gradient_labels import answer_gradient_labels
@@ -100,15 +101,17 @@ def prompt_text(model: VisionLanguageModel, prompts: list[list[int]]) -> tuple[t
     return text_for_scoring(model.embed_prompt(input_ids), input_ids, attention_mask, model.image_token_id)
 
 
-TEACHERS = ("attention", "answer-gradient")
+TEACHERS = ("attention", "answer-gradient", "ppm")
 
 
 def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], teacher: str | None,
-                       guide_layer: int, cache_dir: Path, batch_size: int = 16) -> TrainingSet:
+                       guide_layer: int, cache_dir: Path, batch_size: int = 16,
+                       teacher_ppm: Path | None = None) -> TrainingSet:
     """Tokenize the examples; visual tokens (and `teacher`'s labels, if any) from the disk cache or computed.
 
     teacher: "attention" (covipal.attention_labels at `guide_layer`), "answer-gradient"
-    (covipal.gradient_labels) or None (stage 2 needs no labels).
+    (covipal.gradient_labels), "ppm" (the scores of the PPM checkpoint `teacher_ppm`) or None (stage 2 needs
+    no labels).
     """
     processor = model.require_processor()
     prompts = [processor.tokenize(e.question) for e in examples]
@@ -137,13 +140,17 @@ def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], t
 
     if teacher == "attention":
         kind, lines = f"labels{guide_layer}", [f"{e.image}\t{e.question}" for e in examples]
+    elif teacher == "ppm":
+        scorer = PruningModule.load(teacher_ppm)
+        kind, lines = "ppm-labels", [weights_sha256(teacher_ppm), *(f"{e.image}\t{e.question}" for e in examples)]
     else:
         kind, lines = "answer-gradient", [f"{e.image}\t{e.question}\t{e.answer}" for e in examples]
     labels_cache = cached(kind, lines)
     if labels_cache.is_file():
         return TrainingSet(examples, prompts, answers, visual, image_row, torch.load(labels_cache, weights_only=True))
     labels = []
-    description = f"labels (attention at layer {guide_layer})" if teacher == "attention" else "labels (answer gradient)"
+    description = {"attention": f"labels (attention at layer {guide_layer})", "ppm": f"labels (PPM {teacher_ppm})",
+                   "answer-gradient": "labels (answer gradient)"}[teacher]
     for start in tqdm(range(0, len(examples), batch_size), desc=description, unit="batch", file=sys.stderr):
         rows = range(start, min(start + batch_size, len(examples)))
         tokens = visual[[image_row[i] for i in rows]].float()  # [b, N, D]
@@ -154,6 +161,10 @@ def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], t
                                     model.image_token_id, None, None)
                 labels.append(visual_attention_labels(model, full.inputs_embeds, input_ids, attention_mask,
                                                       [guide_layer])[guide_layer])
+        elif teacher == "ppm":
+            text_embeds, text_mask = prompt_text(model, [prompts[i] for i in rows])
+            with torch.no_grad():
+                labels.append(scorer(tokens, text_embeds, text_mask))  # [b, N]
         else:
             input_ids, attention_mask, lengths = pad_answered(model, [prompts[i] for i in rows],
                                                               [answers[i] for i in rows])
@@ -226,10 +237,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--init", type=Path, default=None, help="start from this PPM checkpoint (e.g. stage 1's)")
     parser.add_argument("--dim", type=positive_int, default=256, help="internal width of a new PPM (ignored with "
                         "--init) (default: %(default)s)")
+    parser.add_argument("--blocks", type=positive_int, default=2, help="blocks of a new PPM (ignored with --init) "
+                        "(default: %(default)s)")
     parser.add_argument("--labels", choices=TEACHERS, default="attention",
                         help="stage 1 teacher: 'attention' (attention the question pays each visual token at the guide "
                              "layer) or 'answer-gradient' (gradient of the answer's likelihood with respect to each "
-                             "visual token's key bias; uses the answers) (default: %(default)s)")
+                             "visual token's key bias; uses the answers) or 'ppm' (the scores of --teacher-ppm, to "
+                             "distil a trained PPM into a smaller one) (default: %(default)s)")
+    parser.add_argument("--teacher-ppm", type=Path, default=None, metavar="DIR",
+                        help="with --labels ppm: the PPM checkpoint whose scores are the labels")
     parser.add_argument("--guide-layer", type=int, default=None,
                         help="stage 1, attention labels: decoder layer whose attention is the label (default: the "
                              "middle layer)")
@@ -259,6 +275,10 @@ def build_parser() -> ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     budgets = parse_budgets(args.budgets)
+    if (args.labels == "ppm") != (args.teacher_ppm is not None):
+        raise CovipalError("--labels ppm and --teacher-ppm DIR go together")
+    if args.teacher_ppm is not None:
+        PruningModule.load(args.teacher_ppm)  # a one-line error now, not after loading the model
     stage = args.stage
     steps = args.steps or (600 if stage == 1 else 300)
     batch_size = args.batch_size or (32 if stage == 1 else 8)
@@ -276,9 +296,10 @@ def main() -> int:
     if args.init is not None:
         ppm = PruningModule.load(args.init)
     else:
-        ppm = PruningModule(default_ppm_config(model.hidden_size, model.num_visual_tokens, args.dim))
+        ppm = PruningModule(default_ppm_config(model.hidden_size, model.num_visual_tokens, args.dim, args.blocks))
     examples = load_examples(args.data, args.image_root, args.limit, args.seed)
-    data = build_training_set(model, examples, args.labels if stage == 1 else None, guide_layer, args.cache_dir)
+    data = build_training_set(model, examples, args.labels if stage == 1 else None, guide_layer, args.cache_dir,
+                              teacher_ppm=args.teacher_ppm)
 
     optimizer = torch.optim.AdamW(ppm.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed)
@@ -319,6 +340,8 @@ def main() -> int:
         "command": command, "model": args.model, "model_source": model.info.source, "stage": stage,
         "init": str(args.init) if args.init else None,
         "labels": args.labels if stage == 1 else None,
+        "teacher_ppm": ({"path": str(args.teacher_ppm), "weights_sha256": weights_sha256(args.teacher_ppm)}
+                        if stage == 1 and args.labels == "ppm" else None),
         "guide_layer": guide_layer if stage == 1 and args.labels == "attention" else None, "seed": args.seed, "steps": steps,
         "batch_size": batch_size, "lr": lr, "data": f"{data_name}, seeded subset of {len(examples)} examples",
         "budgets": budgets if stage == 2 else None, "temperature": args.temperature if stage == 2 else None,

@@ -19,7 +19,9 @@ from covipal.models.mini_llava import PPM_DIR, PROJECTOR_DIR, MiniLlavaProjector
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTOR_SHA256 = "02b490102faf42fdb4b4ec4b0994dbfd0510a75daf2f4450252ad962263b7f94"
-PPM_SHA256 = "1d7f764f70781e1f760f9df469d418cbb3094706f63768ab5040b7b11a9a3867"
+PPM_SHA256 = "dc9bba7e3d6a7353f265f18169e1b874d1281a4cb0f0dc44522f366fdd5eb853"
+LARGE_PPM_DIR = PPM_DIR.parent / "mini-llava-ppm-large"  # the teacher the bundled PPM was distilled from
+LARGE_PPM_SHA256 = "1d7f764f70781e1f760f9df469d418cbb3094706f63768ab5040b7b11a9a3867"
 
 pytestmark = requires_mini
 
@@ -44,7 +46,7 @@ def test_projector_checkpoint_shape_and_checksum():
 
 
 def test_bundled_ppm_is_the_default_for_eval_and_export(mini):
-    from covipal.modeling_ppm import PruningModule
+    from covipal.modeling_ppm import PruningModule, weights_sha256
     from covipal.models import bundled_ppm
     from covipal_export.reference import choose_pruning
 
@@ -53,9 +55,14 @@ def test_bundled_ppm_is_the_default_for_eval_and_export(mini):
     assert hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest() == PPM_SHA256
     record = json.loads((directory / "config.json").read_text())["metadata"]
     assert record["command"].startswith("python -m covipal.train --model mini-llava --stage 1")
-    assert record["seed"] == 0 and record["labels"] == "answer-gradient" and record["target"] == "normal-rank"
+    assert record["seed"] == 0 and record["labels"] == "ppm" and record["target"] == "normal-rank"
+    assert record["teacher_ppm"] == {"path": "covipal/checkpoints/mini-llava-ppm-large",
+                                     "weights_sha256": LARGE_PPM_SHA256}
+    assert weights_sha256(LARGE_PPM_DIR) == LARGE_PPM_SHA256
+    teacher = json.loads((LARGE_PPM_DIR / "config.json").read_text())["metadata"]
+    assert teacher["labels"] == "answer-gradient" and teacher["target"] == "normal-rank"
     ppm = PruningModule.load(directory)
-    assert (ppm.config.hidden_size, ppm.config.grid_size) == (576, 14)
+    assert (ppm.config.hidden_size, ppm.config.grid_size, ppm.config.dim, ppm.config.num_blocks) == (576, 14, 128, 1)
     strategy, pruning = choose_pruning(mini, None, None, 32, "keep", 0)  # export.py --model mini-llava, no strategy
     assert pruning.strategy == "ppm" and pruning.ppm.checkpoint == str(PPM_DIR) and "bundled" in pruning.note
     assert choose_pruning(mini, "uniform", None, 32, "keep", 0)[1].strategy == "uniform"

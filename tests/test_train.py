@@ -17,7 +17,7 @@ from covipal.attention_labels import OracleScores, visual_attention_labels
 from covipal.data.instruct_json import load_instruct_json
 from covipal.errors import CovipalError
 from covipal.gradient_labels import answer_gradient_labels
-from covipal.modeling_ppm import PruningModule
+from covipal.modeling_ppm import PruningModule, weights_sha256
 from covipal.models import load_model
 from covipal.pruning import image_span, prune_prompt
 from covipal.soft_pruning import answer_loss, soft_key_bias, soft_pruning_mask
@@ -182,6 +182,19 @@ def test_training_on_tiny_lowers_the_loss_and_writes_a_checkpoint(tmp_path):
     assert record["labels"] == "answer-gradient" and record["guide_layer"] is None
     assert len(list(cache.glob("answer-gradient-tiny-random-llava-*.pt"))) == 1
 
+    # distil the stage-1 PPM into a smaller one: its scores are the labels
+    student = train("--data", data, "--stage", 1, "--labels", "ppm", "--teacher-ppm", tmp_path / "s1", "--dim", 16,
+                    "--blocks", 1, "--out", tmp_path / "d1", "--steps", 40, "--batch-size", 6, "--lr", "3e-3",
+                    "--cache-dir", cache)
+    assert student.returncode == 0, student.stderr
+    record = json.loads((tmp_path / "d1" / "config.json").read_text())["metadata"]
+    assert record["loss_last_20"] < record["loss_first_20"] and record["labels"] == "ppm"
+    assert record["teacher_ppm"] == {"path": str(tmp_path / "s1"), "weights_sha256": weights_sha256(tmp_path / "s1")}
+    config = PruningModule.load(tmp_path / "d1").config
+    assert (config.dim, config.num_blocks) == (16, 1)
+    (labels_file,) = cache.glob("ppm-labels-tiny-random-llava-*.pt")
+    assert torch.load(labels_file).shape == (12, 64)
+
 
 def test_training_is_deterministic_and_resumes(tmp_path):
     data = write_dataset(tmp_path, 3)
@@ -223,6 +236,9 @@ def test_guide_layer_sweep_with_the_answer_gradient_row():
     (["--stage", 2, "--out", "x", "--budgets", "8,64"], "--budgets must be below the model's 64 visual tokens"),
     (["--stage", 1, "--out", "x", "--budgets", "8,zero"], "--budgets takes comma-separated positive integers"),
     (["--stage", 1, "--out", "x", "--data", "nope.json"], "no such data file: nope.json"),
+    (["--stage", 1, "--out", "x", "--labels", "ppm"], "--labels ppm and --teacher-ppm DIR go together"),
+    (["--stage", 1, "--out", "x", "--teacher-ppm", "."], "--labels ppm and --teacher-ppm DIR go together"),
+    (["--stage", 1, "--out", "x", "--labels", "ppm", "--teacher-ppm", "nope"], "no PPM checkpoint at nope"),
 ])
 def test_cli_errors(tmp_path, args, message):
     result = train(*args, cwd=tmp_path)
