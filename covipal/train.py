@@ -104,13 +104,26 @@ def prompt_text(model: VisionLanguageModel, prompts: list[list[int]]) -> tuple[t
 TEACHERS = ("attention", "answer-gradient", "ppm")
 
 
+@dataclass
+class TeacherPPM:
+    """A trained PPM whose scores are the labels (`--labels ppm`), read once."""
+
+    path: Path
+    module: PruningModule
+    weights_sha256: str  # keys the label cache and goes into the student's metadata
+
+    @classmethod
+    def load(cls, path: Path) -> "TeacherPPM":
+        return cls(path, PruningModule.load(path), weights_sha256(path))
+
+
 def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], teacher: str | None,
                        guide_layer: int, cache_dir: Path, batch_size: int = 16,
-                       teacher_ppm: Path | None = None) -> TrainingSet:
+                       teacher_ppm: TeacherPPM | None = None) -> TrainingSet:
     """Tokenize the examples; visual tokens (and `teacher`'s labels, if any) from the disk cache or computed.
 
     teacher: "attention" (covipal.attention_labels at `guide_layer`), "answer-gradient"
-    (covipal.gradient_labels), "ppm" (the scores of the PPM checkpoint `teacher_ppm`) or None (stage 2 needs
+    (covipal.gradient_labels), "ppm" (the scores of `teacher_ppm`) or None (stage 2 needs
     no labels).
     """
     processor = model.require_processor()
@@ -141,15 +154,14 @@ def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], t
     if teacher == "attention":
         kind, lines = f"labels{guide_layer}", [f"{e.image}\t{e.question}" for e in examples]
     elif teacher == "ppm":
-        scorer = PruningModule.load(teacher_ppm)
-        kind, lines = "ppm-labels", [weights_sha256(teacher_ppm), *(f"{e.image}\t{e.question}" for e in examples)]
+        kind, lines = "ppm-labels", [teacher_ppm.weights_sha256, *(f"{e.image}\t{e.question}" for e in examples)]
     else:
         kind, lines = "answer-gradient", [f"{e.image}\t{e.question}\t{e.answer}" for e in examples]
     labels_cache = cached(kind, lines)
     if labels_cache.is_file():
         return TrainingSet(examples, prompts, answers, visual, image_row, torch.load(labels_cache, weights_only=True))
     labels = []
-    description = {"attention": f"labels (attention at layer {guide_layer})", "ppm": f"labels (PPM {teacher_ppm})",
+    description = {"attention": f"labels (attention at layer {guide_layer})", "ppm": "labels (teacher PPM scores)",
                    "answer-gradient": "labels (answer gradient)"}[teacher]
     for start in tqdm(range(0, len(examples), batch_size), desc=description, unit="batch", file=sys.stderr):
         rows = range(start, min(start + batch_size, len(examples)))
@@ -164,7 +176,7 @@ def build_training_set(model: VisionLanguageModel, examples: list[VQAExample], t
         elif teacher == "ppm":
             text_embeds, text_mask = prompt_text(model, [prompts[i] for i in rows])
             with torch.no_grad():
-                labels.append(scorer(tokens, text_embeds, text_mask))  # [b, N]
+                labels.append(teacher_ppm.module(tokens, text_embeds, text_mask))  # [b, N]
         else:
             input_ids, attention_mask, lengths = pad_answered(model, [prompts[i] for i in rows],
                                                               [answers[i] for i in rows])
@@ -277,8 +289,8 @@ def main() -> int:
     budgets = parse_budgets(args.budgets)
     if (args.labels == "ppm") != (args.teacher_ppm is not None):
         raise CovipalError("--labels ppm and --teacher-ppm DIR go together")
-    if args.teacher_ppm is not None:
-        PruningModule.load(args.teacher_ppm)  # a one-line error now, not after loading the model
+    # read the teacher before the model loads, so that a bad --teacher-ppm fails at once
+    teacher_ppm = None if args.teacher_ppm is None else TeacherPPM.load(args.teacher_ppm)
     stage = args.stage
     steps = args.steps or (600 if stage == 1 else 300)
     batch_size = args.batch_size or (32 if stage == 1 else 8)
@@ -299,7 +311,7 @@ def main() -> int:
         ppm = PruningModule(default_ppm_config(model.hidden_size, model.num_visual_tokens, args.dim, args.blocks))
     examples = load_examples(args.data, args.image_root, args.limit, args.seed)
     data = build_training_set(model, examples, args.labels if stage == 1 else None, guide_layer, args.cache_dir,
-                              teacher_ppm=args.teacher_ppm)
+                              teacher_ppm=teacher_ppm)
 
     optimizer = torch.optim.AdamW(ppm.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed)
@@ -340,8 +352,8 @@ def main() -> int:
         "command": command, "model": args.model, "model_source": model.info.source, "stage": stage,
         "init": str(args.init) if args.init else None,
         "labels": args.labels if stage == 1 else None,
-        "teacher_ppm": ({"path": str(args.teacher_ppm), "weights_sha256": weights_sha256(args.teacher_ppm)}
-                        if stage == 1 and args.labels == "ppm" else None),
+        "teacher_ppm": ({"path": str(teacher_ppm.path), "weights_sha256": teacher_ppm.weights_sha256}
+                        if stage == 1 and teacher_ppm is not None else None),
         "guide_layer": guide_layer if stage == 1 and args.labels == "attention" else None, "seed": args.seed, "steps": steps,
         "batch_size": batch_size, "lr": lr, "data": f"{data_name}, seeded subset of {len(examples)} examples",
         "budgets": budgets if stage == 2 else None, "temperature": args.temperature if stage == 2 else None,

@@ -52,7 +52,7 @@ def test_bundled_ppm_is_the_default_for_eval_and_export(mini):
 
     directory = bundled_ppm("mini-llava")
     assert directory == PPM_DIR and bundled_ppm("tiny-random-llava") is None
-    assert hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest() == PPM_SHA256
+    assert weights_sha256(directory) == PPM_SHA256
     record = json.loads((directory / "config.json").read_text())["metadata"]
     assert record["command"].startswith("python -m covipal.train --model mini-llava --stage 1")
     assert record["seed"] == 0 and record["labels"] == "ppm" and record["target"] == "normal-rank"
