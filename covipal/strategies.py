@@ -7,7 +7,7 @@
     knorm     ViTCoP's key norm: L2 norm of the mean-over-KV-heads key at an early decoder layer;
               a smaller norm means more important, so the score is the negated norm
 
-Selection is always `covipal.selection.keep_topk_in_order`.
+Selection is always `covipal.selection.keep_topk_in_order` (`Strategy.select`).
 """
 
 from __future__ import annotations
@@ -15,22 +15,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from covipal.errors import CovipalError
 from covipal.modeling_ppm import PruningModule
+from covipal.selection import keep_topk_in_order
 
 STRATEGY_NAMES = ("ppm", "random", "uniform", "text-sim", "knorm")
 
 
 class Strategy(nn.Module):
-    """The interface: `scores(visual_tokens [B,N,D], text_embeds [B,T,D], text_mask [B,T], budget) -> [B, N]`."""
+    """The interface: `scores(visual_tokens [B,N,D], text_embeds [B,T,D], text_mask [B,T], budget) -> [B, N]`.
+
+    `select` (a `covipal.pruning.Selector`) keeps the top k of those scores in order.
+    """
 
     name: str
 
     def scores(self, visual_tokens: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
                budget: int | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def select(self, visual_tokens: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """kept_index [B, k] ascending and the scores [B, N] it was picked from."""
+        scores = self.scores(visual_tokens, text_embeds, text_mask, k)  # [B, N]
+        return keep_topk_in_order(scores, k), scores
 
 
 class PPMStrategy(Strategy):
@@ -102,13 +111,17 @@ class KeyNormStrategy(Strategy):
         batch, num_tokens, _ = visual_tokens.shape
         hidden = visual_tokens  # [B, N, D]
         if self.layer > 0:
+            from transformers.masking_utils import create_causal_mask  # loads torch._dynamo: only when needed
+
             position_ids = torch.arange(num_tokens, device=hidden.device).expand(batch, -1)  # [B, N]
             mask = create_causal_mask(config=lm.config, inputs_embeds=hidden,
-                                      attention_mask=torch.ones(batch, num_tokens, dtype=torch.bool, device=hidden.device),
+                                      attention_mask=torch.ones(batch, num_tokens, dtype=torch.bool,
+                                                                device=hidden.device),
                                       past_key_values=None, position_ids=position_ids)
             rotary = lm.rotary_emb(hidden, position_ids=position_ids)
             for decoder_layer in lm.layers[: self.layer]:
-                hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+                hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=rotary,
+                                       position_ids=position_ids)
         attn = lm.layers[self.layer].self_attn
         keys = attn.k_proj(lm.layers[self.layer].input_layernorm(hidden))  # [B, N, Hkv * dh]
         keys = keys.view(batch, num_tokens, -1, attn.head_dim).mean(dim=2)  # [B, N, dh], mean over KV heads

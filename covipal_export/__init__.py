@@ -1,16 +1,17 @@
-"""Deployment of covipal models: ONNX export, TensorRT engines and the runtime.
+"""Deployment of covipal models: ONNX export, TensorRT engines, the runtime and the benchmarks.
 
-Builds on `covipal` (never the reverse). One export directory = four ONNX graphs + `manifest.json`:
+Builds on `covipal` (never the reverse). One folder per stage; one export directory (four ONNX
+graphs + `manifest.json`) is the contract between them:
 
-    names.py        canonical stage, file, tensor and dimension names
-    graphs.py       the export wrappers, sample inputs and dynamic shapes of each graph
-    onnx_export.py  one graph through torch.onnx.export(dynamo=True)
-    manifest.py     manifest.json: the contract between export and runtime, and its strict loader
-    reference.py    the PyTorch model and strategy an export is made from (rebuilt from a manifest)
-    exporter.py     export a model into a directory, atomically; export_cli.py is `python export.py`
-    ort_chain.py    the graphs in ONNX Runtime: host-side splice and greedy decoding with the KV cache
-    verify.py       stage-by-stage parity against PyTorch (`python -m covipal_export.verify DIR`)
-    runtime/        `Pipeline` (also `covipal_export.Pipeline`) and `python run_trt.py`: backends, stats, CLI
+    names.py, manifest.py   the shared contract: stage, file and tensor names; the manifest and its strict loader
+    records.py              dataclasses as JSON files, read strictly (the manifest, the engine metadata)
+    engine_info.py          trt/<stage>.engine.json: written by build, checked by the runtime
+    plugin/                 the TopKGather TensorRT plugin, shared by build and runtime
+    export/                 model -> graphs + manifest, verified against PyTorch (`python export.py`)
+    build/                  graphs -> TensorRT engines (`python -m covipal_export.build DIR`)
+    runtime/                `Pipeline` (also `covipal_export.Pipeline`) and `python run_trt.py`; imports no
+                            export or build code
+    bench/                  latency and memory per backend and budget, and easy-VQA accuracy of an export
 """
 
 __version__ = "0.1.0"

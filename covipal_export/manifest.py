@@ -16,21 +16,20 @@ that made it. A runtime needs nothing else. Example (abridged):
      "decoder": {"logits": "last", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16},
      "files": {"ppm.onnx": {"sha256": "9f2c...", "bytes": 5021339}, "tokenizer/tokenizer.json": ...}, ...}
 
-The loader is strict: an unknown or a missing key is an error naming the key and the file.
+The loader is strict (`covipal_export.records`): an unknown or a missing key is an error naming the key and the file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import types
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Literal
 
 from covipal.errors import CovipalError
 from covipal.models.processing import ImagePreprocessing
 from covipal_export import names
+from covipal_export.records import from_json, read_json, write_record
 
 FORMAT_VERSION = 1
 
@@ -188,21 +187,7 @@ def file_problems(directory: Path, manifest: Manifest) -> list[str]:
 
 
 def save_manifest(manifest: Manifest, directory: Path) -> Path:
-    path = Path(directory) / names.MANIFEST_FILE
-    path.write_text(_to_json(asdict(manifest)) + "\n")
-    return path
-
-
-def _to_json(value: Any, indent: str = "") -> str:
-    """Indented JSON that keeps short values (a tensor spec, a shape) on one line."""
-    compact = json.dumps(value)
-    if len(compact) + len(indent) <= 110 or not isinstance(value, (dict, list)) or not value:
-        return compact
-    inner = indent + "  "
-    if isinstance(value, dict):
-        items = [f"{inner}{json.dumps(key)}: {_to_json(item, inner)}" for key, item in value.items()]
-        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
-    return "[\n" + ",\n".join(f"{inner}{_to_json(item, inner)}" for item in value) + f"\n{indent}]"
+    return write_record(manifest, Path(directory) / names.MANIFEST_FILE)
 
 
 def load_manifest(directory: str | Path) -> Manifest:
@@ -210,15 +195,12 @@ def load_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / names.MANIFEST_FILE
     if not path.is_file():
         raise CovipalError(f"no {names.MANIFEST_FILE} in {directory}: export one with `python export.py`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CovipalError(f"{path} is not valid JSON: {exc}") from None
+    data = read_json(path)
     version = data.get("format_version") if isinstance(data, dict) else None
     if version != FORMAT_VERSION:
         raise CovipalError(f"{path}: format_version {version!r} is not supported (this package reads "
                            f"{FORMAT_VERSION}); export again with this version")
-    manifest = _from_json(Manifest, data, "", path)
+    manifest = from_json(Manifest, data, path)
     unknown = sorted(set(manifest.graphs) ^ set(names.STAGES))
     if unknown:
         raise CovipalError(f"{path}: graphs must be exactly {', '.join(names.STAGES)}; differs in {', '.join(unknown)}")
@@ -227,58 +209,3 @@ def load_manifest(directory: str | Path) -> Manifest:
         if [t.name for t in graph.inputs] != inputs or [t.name for t in graph.outputs] != outputs:
             raise CovipalError(f"{path}: graphs.{stage} must have inputs {inputs} and outputs {outputs}")
     return manifest
-
-
-def _from_json(cls: type, data: Any, key: str, path: Path) -> Any:
-    """Build dataclass `cls` from parsed JSON, checking keys and types against its annotations."""
-    if not isinstance(data, dict):
-        raise CovipalError(f"{path}: {key or 'the manifest'} must be an object")
-    hints = get_type_hints(cls)
-    expected = [f.name for f in fields(cls)]
-    for name in data:
-        if name not in hints:
-            raise CovipalError(f"{path}: unknown key {_join(key, name)!r}")
-    for name in expected:
-        if name not in data:
-            raise CovipalError(f"{path}: missing key {_join(key, name)!r}")
-    return cls(**{name: _convert(hints[name], data[name], _join(key, name), path) for name in expected})
-
-
-def _convert(annotation: Any, value: Any, key: str, path: Path) -> Any:
-    origin, args = get_origin(annotation), get_args(annotation)
-    if is_dataclass(annotation):
-        return _from_json(annotation, value, key, path)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # X | None: X's own error says what is wrong
-            return _convert(options[0], value, key, path)
-        for option in options:
-            try:
-                return _convert(option, value, key, path)
-            except CovipalError:
-                continue
-    elif origin is Literal:
-        if value in args:
-            return value
-    elif origin in (list, tuple) and isinstance(value, list):
-        items = args if origin is tuple and Ellipsis not in args else (args[0],) * len(value)
-        if len(items) == len(value):
-            converted = [_convert(a, v, f"{key}[{i}]", path) for i, (a, v) in enumerate(zip(items, value))]
-            return converted if origin is list else tuple(converted)
-    elif origin is dict and isinstance(value, dict):
-        return {k: _convert(args[1], v, _join(key, k), path) for k, v in value.items()}
-    elif annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif annotation in (int, str, bool) and type(value) is annotation:
-        return value
-    raise CovipalError(f"{path}: {key!r} has an unexpected value {value!r} (expected {_describe(annotation)})")
-
-
-def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
-
-
-def _describe(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -6,6 +6,9 @@ manifest. KV-cache names follow ONNX Runtime GenAI (`past_key_values.%d.key` -> 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+DEFAULT_ROOT = Path("engines")  # where `python export.py` writes and `run_trt.py` looks: engines/<model>-b<budget>
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"  # tokenizer files, copied into the export directory
 ENGINE_DIR = "trt"  # TensorRT engines, built from the graphs after export (each described by its .engine.json)

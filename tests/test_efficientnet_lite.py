@@ -74,7 +74,8 @@ def test_config_rejects_bad_values():
 def test_preprocessing_matches_the_config():
     preprocessing = EfficientNetLiteConfig(image_size=448, feature_stage="head").preprocessing()
     assert preprocessing.size == preprocessing.crop_size == 448
-    assert preprocessing.mean == pytest.approx((127 / 255,) * 3) and preprocessing.std == pytest.approx((128 / 255,) * 3)
+    assert preprocessing.mean == pytest.approx((127 / 255,) * 3)
+    assert preprocessing.std == pytest.approx((128 / 255,) * 3)
     assert preprocessing.resize_mode == "squash" and preprocessing.resample == "bicubic"
 
 

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import requires_easy_vqa
 import torch
+from conftest import requires_easy_vqa
 
+from covipal.budget import ALL, parse_budgets
 from covipal.errors import CovipalError
-from covipal.eval import FULL, answer_first_tokens, evaluate, format_table, parse_budgets, parse_strategies
+from covipal.eval import answer_first_tokens, evaluate, format_table, parse_strategies
 from covipal.strategies import make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +22,13 @@ pytestmark = requires_easy_vqa
 
 @pytest.fixture(scope="module")
 def examples():
-    from covipal.data import easy_vqa
+    from covipal.training.data import easy_vqa
 
     return easy_vqa.sample(easy_vqa.load_split("test"), 12, seed=0)
 
 
 def test_sample_is_seeded_and_answers_known(examples):
-    from covipal.data import easy_vqa
+    from covipal.training.data import easy_vqa
 
     again = easy_vqa.sample(easy_vqa.load_split("test"), 12, seed=0)
     assert again == examples and len(examples) == 12
@@ -44,19 +45,19 @@ def test_answer_tokens_continue_the_prompt(tiny):
 
 
 def test_full_budget_equals_the_unpruned_row(tiny, examples):
-    from covipal.data import easy_vqa
+    from covipal.training.data import easy_vqa
 
     strategies = {"uniform": make_strategy("uniform"), "random": make_strategy("random")}
     records = evaluate(tiny, examples, strategies, [64, 4], easy_vqa.answers(), batch_size=5)
     by_key = {(r.strategy, r.budget): r for r in records}
     assert len(records) == 1 + 2 * 2 and all(r.n == 12 for r in records)
-    assert by_key[("uniform", 64)].accuracy == by_key[("random", 64)].accuracy == by_key[("none", FULL)].accuracy
+    assert by_key[("uniform", 64)].accuracy == by_key[("random", 64)].accuracy == by_key[("none", ALL)].accuracy
     assert all(0 <= r.accuracy <= 1 for r in records)
 
 
 def test_predictions_match_a_direct_forward(tiny, examples):
     """The harness's pick equals the argmax over answer first-tokens of a plain HF forward."""
-    from covipal.data import easy_vqa
+    from covipal.training.data import easy_vqa
 
     answers = easy_vqa.answers()
     candidates = torch.tensor(answer_first_tokens(tiny, answers))
@@ -74,14 +75,15 @@ def test_predictions_match_a_direct_forward(tiny, examples):
 def test_table_layout():
     from covipal.eval import EvalRecord
 
-    records = [EvalRecord("none", FULL, 0.8, 10), EvalRecord("uniform", 32, 0.6, 10), EvalRecord("uniform", 16, 0.5, 10)]
+    records = [EvalRecord("none", ALL, 0.8, 10), EvalRecord("uniform", 32, 0.6, 10),
+               EvalRecord("uniform", 16, 0.5, 10)]
     table = format_table(records, ("yes", 0.4))
     assert "| strategy | k=32 | k=16 | all tokens | majority |" in table
     assert "| uniform | 60.0 | 50.0 | 80.0 | 40.0 |" in table
 
 
 def test_parsers():
-    assert parse_budgets("all, 64,8") == [None, 64, 8]
+    assert parse_budgets("all, 64,8") == [ALL, 64, 8]
     assert parse_strategies("knorm,uniform") == ["knorm", "uniform"]
     with pytest.raises(CovipalError, match="--budgets takes positive integers and 'all', got '0'"):
         parse_budgets("all,0")

@@ -27,13 +27,15 @@ from covipal.pruning import text_for_scoring
 from covipal.selection import keep_topk_in_order
 from covipal.strategies import make_strategy
 from covipal_export import names
-from covipal_export.exporter import ExportOptions, export_model, install, writable_parent
-from covipal_export.graphs import graph_specs, shape_ranges
+from covipal_export.export.exporter import ExportOptions, export_model, install, writable_parent
+from covipal_export.export.graphs import graph_specs, shape_ranges
+from covipal_export.export.onnx_export import export_graph
+from covipal_export.export.pruning_choice import check_strategy, choose_pruning
+from covipal_export.export.verify import verify_export
 from covipal_export.manifest import describe_files, load_manifest
-from covipal_export.onnx_export import export_graph
-from covipal_export.ort_chain import OrtChain
-from covipal_export.reference import check_strategy, choose_pruning, load_reference_model, reference_from_manifest
-from covipal_export.verify import verify_export
+from covipal_export.runtime.ort_backend import OrtBackend
+from covipal_export.runtime.pipeline import Pipeline
+from covipal_export.runtime.reference import load_reference_model, reference_from_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 16
@@ -47,8 +49,9 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chain(exported):
-    return OrtChain(exported.directory)
+def backend(exported):
+    """The runtime's ONNX Runtime backend on the export (CPU)."""
+    return OrtBackend(exported.directory, exported.manifest)
 
 
 @pytest.fixture(scope="module")
@@ -99,23 +102,27 @@ def test_manifest_describes_the_graphs_as_written(exported):
                                                    for v in actual]
     prune = {t.name: t for t in manifest.graphs[names.PRUNE].inputs + manifest.graphs[names.PRUNE].outputs}
     assert prune[names.BUDGET].shape == [] and prune[names.BUDGET].dtype == "int64"
-    assert prune[names.KEPT_TOKENS].shape == ["batch", "kept", 64] and prune[names.KEPT_INDEX].shape == ["batch", "kept"]
+    assert prune[names.KEPT_TOKENS].shape == ["batch", "kept", 64]
+    assert prune[names.KEPT_INDEX].shape == ["batch", "kept"]
     decoder = {t.name: t for t in manifest.graphs[names.DECODER].inputs + manifest.graphs[names.DECODER].outputs}
     assert decoder["past_key_values.1.value"].shape == ["batch", 2, "past", 16]
     assert decoder["present.1.value"].shape == ["batch", 2, "total", 16]
-    assert decoder[names.ATTENTION_MASK].shape == ["batch", "total"] and decoder[names.LOGITS].shape == ["batch", 1, 384]
+    assert decoder[names.ATTENTION_MASK].shape == ["batch", "total"]
+    assert decoder[names.LOGITS].shape == ["batch", 1, 384]
     assert manifest.decoder.num_layers == 2 and manifest.decoder.logits == "last"
 
 
 def test_manifest_carries_what_the_runtime_needs(exported, tiny):
     manifest = exported.manifest
     assert manifest.model.name == "tiny-random-llava" and manifest.model.source == tiny.info.source
-    assert manifest.shapes.visual_tokens == 64 and manifest.shapes.max_context == 512 and manifest.shapes.max_text == 448
+    shapes = manifest.shapes
+    assert shapes.visual_tokens == 64 and shapes.max_context == 512 and shapes.max_text == 448
     assert manifest.pruning.default_budget == 8 and manifest.pruning.position_policy == "keep"
     assert manifest.pruning.strategy == "ppm" and manifest.pruning.ppm.seed == 0
     assert manifest.preprocessing == tiny.processor.image_preprocessing
     tokenizer = tiny.processor.tokenizer
-    assert manifest.tokenizer.chat_template == tiny.processor.chat_template and manifest.tokenizer.image_token == "<image>"
+    assert manifest.tokenizer.chat_template == tiny.processor.chat_template
+    assert manifest.tokenizer.image_token == "<image>"
     special = manifest.special_tokens
     assert (special.image, special.bos, special.eos, special.pad) == (
         tiny.image_token_id, tokenizer.bos_token_id, [tokenizer.eos_token_id], tokenizer.pad_token_id)
@@ -124,7 +131,8 @@ def test_manifest_carries_what_the_runtime_needs(exported, tiny):
     assert saved(prompt)["input_ids"] == tokenizer(prompt)["input_ids"]
     versions = manifest.versions
     assert (versions.torch, versions.transformers, versions.onnx, versions.onnxscript, versions.covipal_export) == (
-        torch.__version__, transformers.__version__, onnx.__version__, onnxscript.__version__, covipal_export.__version__)
+        torch.__version__, transformers.__version__, onnx.__version__, onnxscript.__version__,
+        covipal_export.__version__)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -143,28 +151,30 @@ def test_manifest_loader_is_strict(exported, tmp_path, edit, message):
         load_manifest(tmp_path)
 
 
-def test_vision_and_embed_match_pytorch_at_other_batch_sizes(chain, reference, images, questions):
+def test_vision_and_embed_match_pytorch_at_other_batch_sizes(backend, reference, images, questions):
     model, _ = reference
     for rows in ([2], [0, 1, 2]):
         batch = model.processor([images[i] for i in rows], [questions[i] for i in rows])
         with torch.no_grad():
             visual = model.encode_images(batch.pixel_values).numpy()
             embeds = model.embed_tokens(batch.input_ids).numpy()
-        assert np.abs(chain.encode_images(batch.pixel_values.numpy()) - visual).max() < 1e-5
-        assert np.array_equal(chain.embed(batch.input_ids.numpy()), embeds)
+        assert np.abs(backend.encode_images(batch.pixel_values).numpy() - visual).max() < 1e-5
+        assert np.array_equal(backend.run(names.EMBED, {names.INPUT_IDS: batch.input_ids})[names.TEXT_EMBEDS], embeds)
 
 
 @pytest.mark.parametrize("budget", [8, 16, 32, 100])
-def test_one_ppm_graph_serves_every_budget(chain, reference, images, questions, budget):
+def test_one_ppm_graph_serves_every_budget(backend, reference, images, questions, budget):
     model, strategy = reference
     batch = model.processor(images[:2], questions[:2])
     with torch.no_grad():
         visual = model.encode_images(batch.pixel_values)
         embeds = model.embed_tokens(batch.input_ids.masked_fill(batch.input_ids == model.image_token_id, 0))
         text_embeds, text_mask = text_for_scoring(embeds, batch.input_ids, batch.attention_mask, model.image_token_id)
-        expected = keep_topk_in_order(strategy.scores(visual, text_embeds, text_mask, budget), budget)
-    out = chain.prune(visual.numpy(), text_embeds.numpy(), text_mask.numpy(), budget)
-    k = min(budget, 64)
+        k = min(budget, 64)  # the graph clamps what the runtime would refuse (a graph cannot raise)
+        expected = keep_topk_in_order(strategy.scores(visual, text_embeds, text_mask, k), k)
+    out = {name: value.numpy() for name, value in backend.run(names.PRUNE, {
+        names.VISUAL_TOKENS: visual, names.TEXT_EMBEDS: text_embeds, names.TEXT_MASK: text_mask,
+        names.BUDGET: np.array(budget)}).items()}
     assert out[names.KEPT_TOKENS].shape == (2, k, 64) and out[names.SCORES].shape == (2, 64)
     assert np.array_equal(out[names.KEPT_INDEX], expected.numpy())
     assert np.array_equal(out[names.KEPT_TOKENS], np.take_along_axis(visual.numpy(), expected.numpy()[..., None], 1))
@@ -172,15 +182,15 @@ def test_one_ppm_graph_serves_every_budget(chain, reference, images, questions, 
 
 @pytest.mark.parametrize("policy", ["keep", "compact"])
 @pytest.mark.parametrize("rows", [[1], [0, 2]])
-def test_ort_greedy_chain_equals_pytorch_generate(chain, reference, images, questions, policy, rows):
+def test_ort_greedy_chain_equals_pytorch_generate(exported, backend, reference, images, questions, policy, rows):
     model, strategy = reference
     batch = model.processor([images[i] for i in rows], [questions[i] for i in rows])
     if len(rows) == 2:
         assert (batch.attention_mask == 0).any(), "the batch should exercise left padding"
     expected = generate_from_batch(model, batch, strategy=strategy, budget=8, position_policy=policy,
                                    sampling=SamplingConfig(NEW_TOKENS))
-    out = chain.generate(batch.input_ids.numpy(), batch.attention_mask.numpy(), batch.pixel_values.numpy(),
-                         budget=8, position_policy=policy, max_new_tokens=NEW_TOKENS)
+    pipe = Pipeline(exported.directory, exported.manifest, None, backend, "ONNX Runtime on the CPU")
+    out = pipe.generate_from_batch(batch, budget=8, position_policy=policy, max_new_tokens=NEW_TOKENS)
     assert np.array_equal(out.kept_index, expected.kept_index.numpy())
     assert out.prefill_length == expected.prefill_length
     assert out.sequences.tolist() == expected.sequences.tolist()
@@ -198,8 +208,9 @@ def test_training_free_strategies_export_the_same_way(tiny, tmp_path, strategy_n
     visual, text = torch.randn(3, 64, 64, generator=generator), torch.randn(3, 5, 64, generator=generator)
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     for budget in (8, 16, 32):
-        kept_tokens, kept_index, _ = session.run(None, {names.VISUAL_TOKENS: visual.numpy(), names.TEXT_EMBEDS: text.numpy(),
-                                                        names.TEXT_MASK: mask.numpy(), names.BUDGET: np.array(budget)})
+        feeds = {names.VISUAL_TOKENS: visual.numpy(), names.TEXT_EMBEDS: text.numpy(), names.TEXT_MASK: mask.numpy(),
+                 names.BUDGET: np.array(budget)}
+        kept_tokens, kept_index, _ = session.run(None, feeds)
         expected = keep_topk_in_order(strategy.scores(visual, text, mask, budget), budget)
         assert kept_tokens.shape == (3, budget, 64) and np.array_equal(kept_index, expected.numpy())
 
@@ -237,7 +248,7 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
         (directory / "half-written.onnx").write_bytes(b"\0")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("covipal_export.exporter.export_graph", broken)
+    monkeypatch.setattr("covipal_export.export.exporter.export_graph", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(ExportOptions(model="tiny-random-llava", budget=8, out=tmp_path / "a" / "b"))
     assert list(tmp_path.iterdir()) == []

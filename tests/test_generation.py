@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import covipal.generation
+from covipal.budget import ALL
+from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, generate, generate_from_batch
 from covipal.pruning import prune_prompt
 from covipal.selection import keep_topk_in_order
@@ -23,7 +25,7 @@ def hf_generate(tiny, **inputs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [[0], [1], [2], [0, 1], [2, 1]])
-@pytest.mark.parametrize("budget", [None, 64, 500])
+@pytest.mark.parametrize("budget", [ALL, 64])  # "all" and k = N are both no pruning
 def test_unpruned_equals_hf_generate(tiny, images, questions, rows, budget):
     batch = tiny.processor([images[i] for i in rows], [questions[i] for i in rows])
     expected = hf_generate(tiny, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -32,6 +34,12 @@ def test_unpruned_equals_hf_generate(tiny, images, questions, rows, budget):
                               sampling=SamplingConfig(NEW_TOKENS))
     assert out.sequences.tolist() == expected.tolist()
     assert out.kept_index.shape == (len(rows), 64) and out.prefill_length == batch.input_ids.shape[1]
+
+
+def test_a_budget_above_n_is_refused(tiny, images, questions):
+    batch = tiny.processor(images[:1], questions[:1])
+    with pytest.raises(CovipalError, match="^budget 500 is larger than the 64 visual tokens of this model$"):
+        generate_from_batch(tiny, batch, strategy=make_strategy("random"), budget=500)
 
 
 def hand_built_prefill(tiny, batch, kept_index, policy):

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import requires_mini
 import torch
+from conftest import requires_mini
 
-from covipal.data import easy_vqa
 from covipal.eval import answer_first_tokens, evaluate
 from covipal.models.mini_llava import PPM_DIR, PROJECTOR_DIR, MiniLlavaProjector
+from covipal.training.data import easy_vqa
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTOR_SHA256 = "02b490102faf42fdb4b4ec4b0994dbfd0510a75daf2f4450252ad962263b7f94"
@@ -48,7 +48,7 @@ def test_projector_checkpoint_shape_and_checksum():
 def test_bundled_ppm_is_the_default_for_eval_and_export(mini):
     from covipal.modeling_ppm import PruningModule, weights_sha256
     from covipal.models import bundled_ppm
-    from covipal_export.reference import choose_pruning
+    from covipal_export.export.pruning_choice import choose_pruning
 
     directory = bundled_ppm("mini-llava")
     assert directory == PPM_DIR and bundled_ppm("tiny-random-llava") is None
@@ -87,8 +87,8 @@ def test_answer_first_tokens_are_distinct(mini):
 def test_small_evaluation_beats_the_majority_answer_and_survives_pruning(mini):
     """All tokens beat always answering "yes"; the bundled PPM at 32 of 196 tokens keeps >= 90% of that
     (the first projector, trained without token dropout, kept 74% on 200 questions)."""
-    from covipal.models import bundled_ppm
     from covipal.modeling_ppm import PruningModule
+    from covipal.models import bundled_ppm
     from covipal.strategies import make_strategy
 
     examples = easy_vqa.sample(easy_vqa.load_split("test"), 64, seed=0)

@@ -1,4 +1,4 @@
-"""`python -m covipal_export.pipeline_eval`: the pipeline answers easy-VQA exactly as the PyTorch harness does."""
+"""`python -m covipal_export.bench.pipeline_eval`: the pipeline answers easy-VQA exactly as the PyTorch harness does."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import pytest
 from conftest import requires_mini
 
 from covipal.cli import run as run_cli
-from covipal_export import pipeline_eval
+from covipal_export.bench import pipeline_eval
 from covipal_export.runtime import Pipeline
-
 
 pytestmark = requires_mini
 
@@ -22,12 +21,12 @@ def export_dir(mini_demo_export) -> Path:
 
 
 def test_pipeline_answers_equal_covipal_eval(export_dir):
-    from covipal.data import easy_vqa
+    from covipal.training.data import easy_vqa
 
     pipe = Pipeline.from_dir(export_dir, backend="ort")
     examples = easy_vqa.sample(easy_vqa.load_split("test"), 16, seed=0)  # covipal.eval --limit 16's questions
     result = pipeline_eval.compare(pipe, examples)
-    assert (result.strategy, result.budget, result.position_policy, result.n) == ("uniform", 100, "keep", 16)
+    assert (result.strategy, result.budget, result.position_policy, result.n) == ("ppm", 64, "keep", 16)
     assert len(result.pipeline_answers) == 16 and result.pipeline_answers == result.reference_answers
     assert result.differ == 0 and result.pipeline_accuracy == result.reference_accuracy
     assert result.pipeline_accuracy > 0.5  # well above the 37 % majority answer: the scoring picks real answers

@@ -20,13 +20,14 @@ import torch
 from covipal.errors import CovipalError
 from covipal.selection import gather_tokens, keep_topk_in_order
 from covipal_export import names
-from covipal_export.graphs import graph_specs, shape_ranges
-from covipal_export.onnx_export import export_graph
+from covipal_export.build.engines import check_gather
+from covipal_export.build.plugin_graph import swap_topk_gather, write_plugin_graph
+from covipal_export.export.graphs import graph_specs, shape_ranges
+from covipal_export.export.onnx_export import export_graph
+from covipal_export.export.pruning_choice import choose_pruning
 from covipal_export.plugin import spec
 from covipal_export.plugin.kernel import kept_count, topk_gather, topk_gather_into
-from covipal_export.plugin.onnx_node import swap_topk_gather, write_plugin_graph
-from covipal_export.reference import choose_pruning, load_reference_model
-from covipal_export.trt_build import check_gather
+from covipal_export.runtime.reference import load_reference_model
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -288,9 +289,11 @@ def test_cli_refuses_the_plugin_with_tensorrt_rtx(tmp_path):
 @pytest.mark.skipif(not (HAS_TRT and HAS_CUDA), reason="needs full TensorRT (module `tensorrt`) and a CUDA GPU to "
                                                        "build and run the plugin engine")
 def test_plugin_engine_matches_the_kernel_and_the_native_graph(tmp_path):
-    from covipal_export.exporter import ExportOptions, export_model
+    from covipal_export.build.engines import build_engines
+    from covipal_export.engine_info import read_engine_info
+    from covipal_export.export.exporter import ExportOptions, export_model
+    from covipal_export.names import ENGINE_DIR
     from covipal_export.plugin.trt_plugin import register_plugin
-    from covipal_export.trt_build import ENGINE_DIR, build_engines, read_engine_info
 
     trt = importlib.import_module("tensorrt")
     out = tmp_path / "tiny"

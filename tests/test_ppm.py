@@ -64,7 +64,8 @@ def test_save_load_round_trip(tmp_path):
     ppm, batch = make_ppm(seed=3), inputs()
     ppm.save(tmp_path / "ckpt", metadata={"note": "test"})
     record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert record["format"] == "covipal-ppm" and record["config"]["dim"] == 32 and record["metadata"] == {"note": "test"}
+    assert record["format"] == "covipal-ppm" and record["config"]["dim"] == 32
+    assert record["metadata"] == {"note": "test"}
     loaded = PruningModule.load(tmp_path / "ckpt")
     assert loaded.config == ppm.config
     with torch.no_grad():

@@ -14,17 +14,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from PIL import Image
 
 import covipal_export
+from covipal.budget import ALL
 from covipal.cli import run as run_cli
 from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, generate_from_batch
 from covipal_export import names
 from covipal_export.manifest import load_manifest
-from covipal_export.reference import reference_from_manifest
 from covipal_export.runtime import Pipeline, selection
-from covipal_export.runtime.cli import find_engine_dir, main
+from covipal_export.runtime.cli import main
+from covipal_export.runtime.export_dir import find_engine_dir
+from covipal_export.runtime.reference import reference_from_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = str(ROOT / "covipal" / "assets" / "easy-vqa-test-0.png")
@@ -95,6 +98,20 @@ def test_single_question_stats_and_default_budget(pipe, images, ort_name):
     json.dumps(report)
 
 
+def test_one_budget_policy_in_the_pipeline(pipe, images):
+    """"all" keeps every token, numpy integers are budgets, and above N is refused (never clamped)."""
+    everything = pipe.generate(images[0], "What?", budget=ALL, max_new_tokens=4)
+    assert everything.tokens_kept == 64 and everything.kept_index.tolist() == [list(range(64))]
+    np.testing.assert_array_equal(everything.sequences, pipe.generate(images[0], "What?", budget=64,
+                                                                      max_new_tokens=4).sequences)
+    assert pipe.generate(images[0], "What?", budget=np.int64(5), max_new_tokens=2).tokens_kept == 5
+    for budget, message in [(65, "budget 65 is larger than the 64 visual tokens of this export"),
+                            (0, "budget must be a positive integer, got 0"),
+                            (2.5, "budget must be a positive integer, got 2.5")]:
+        with pytest.raises(CovipalError, match=message):
+            pipe.generate(images[0], "What?", budget=budget, max_new_tokens=2)
+
+
 def test_stream_yields_the_same_answer(pipe, images):
     whole = pipe.generate(images[1], "Describe the image.", max_new_tokens=12)
     stream = pipe.generate(images[1], "Describe the image.", max_new_tokens=12, stream=True)
@@ -119,8 +136,13 @@ def test_sampling_is_seeded_like_pytorch(pipe, reference, images, questions):
 
 
 def test_kv_cache_stays_in_ort_values(pipe, images):
-    pipe.generate(images[0], "What?", max_new_tokens=3)
-    past = pipe.backend.past
+    backend, batch = pipe.backend, pipe.processor([images[0]], ["What?"])
+    prompt = backend.prune(batch.input_ids, batch.attention_mask, backend.encode_images(batch.pixel_values), 8, "keep")
+    _, cache = backend.prefill(prompt)  # the call's cache: the backend holds none
+    for step in range(2):
+        length = prompt.attention_mask.shape[1] + step + 1
+        backend.step(cache, torch.tensor([42]), torch.ones(1, length, dtype=torch.long), torch.tensor([[length - 1]]))
+    past = cache.values
     assert len(past) == 2 * pipe.manifest.decoder.num_layers
     assert all(isinstance(value, ort.OrtValue) for value in past)
     assert past[0].shape()[2] == pipe.generate(images[0], "What?", max_new_tokens=3).prefill_length + 2
@@ -221,6 +243,18 @@ def test_run_trt_text_and_json(capsys, export_dir, pipe, ort_name):
     assert set(report["timings_ms"]) >= {"vision", "prune", "prefill", "ttft", "decode_per_token"}
 
 
+def test_run_trt_compares_with_unpruned(capsys, export_dir):
+    engine = ("--engine-dir", str(export_dir), "--max-new-tokens", "4")
+    code, out, err = cli(capsys, IMAGE, "what is the red shape?", *engine, "--compare-unpruned")
+    saved = err.strip().splitlines()[-1]
+    assert code == 0 and saved.startswith("pruning kept 8 of 64 visual tokens: prefill ") and "ms unpruned (" in saved
+    code, out, _ = cli(capsys, IMAGE, "what is the red shape?", *engine, "--json", "--compare-unpruned")
+    report = json.loads(out)["compare_unpruned"]
+    assert code == 0 and (report["pruned"]["tokens_kept"], report["unpruned"]["tokens_kept"]) == (8, 64)
+    code, out, _ = cli(capsys, IMAGE, "what is the red shape?", *engine, "--json", "--budget", "all")
+    assert code == 0 and json.loads(out)["tokens_kept"] == 64
+
+
 def test_run_trt_bad_input(capsys, export_dir, tmp_path):
     engine = ("--engine-dir", str(export_dir))
     not_image = tmp_path / "notes.txt"
@@ -236,6 +270,8 @@ def test_run_trt_bad_input(capsys, export_dir, tmp_path):
     assert_one_line_error(capsys, "the question is too long", IMAGE, "why " * 600, *engine)
     assert_one_line_error(capsys, "--backend trt is not available", IMAGE, "What?", "--backend", "trt", *engine)
     assert_one_line_error(capsys, "expected a positive integer", IMAGE, "What?", "--budget", "0", *engine)
+    assert_one_line_error(capsys, "budget 65 is larger than the 64 visual tokens of this export", IMAGE, "What?",
+                          "--budget", "65", *engine)
 
 
 def test_run_trt_bad_engine_directories(capsys, copy_of, tmp_path):

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import requires_mini
 
 from covipal.generation import SamplingConfig, generate_from_batch
-from covipal_export.ort_chain import PrunedPrompt
-from covipal_export.reference import reference_from_manifest
+from covipal.pruning import PrunedPrompt
 from covipal_export.runtime import Pipeline
+from covipal_export.runtime.reference import reference_from_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "covipal" / "assets"
@@ -44,7 +45,7 @@ def test_run_trt_answers_the_demo_question(export_dir):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "triangle"
-    assert "100/196 visual tokens kept" in result.stderr
+    assert "64/196 visual tokens kept" in result.stderr
 
 
 @pytest.mark.parametrize("size", [1, 3])
@@ -64,16 +65,16 @@ def decode_ms_per_token(pipe: Pipeline, past: int, steps: int = 8) -> float:
     """Mean ms of one decode step after a synthetic prompt of `past` tokens (batch 1)."""
     rng = np.random.default_rng(0)
     hidden = pipe.manifest.model.hidden_size
-    prompt = PrunedPrompt((rng.standard_normal((1, past, hidden)) * 0.02).astype(np.float32),
-                          np.ones((1, past), np.int64), np.arange(past)[None], np.zeros((1, 0), np.int64),
-                          np.zeros((1, 0), np.float32))
+    prompt = PrunedPrompt(torch.from_numpy((rng.standard_normal((1, past, hidden)) * 0.02).astype(np.float32)),
+                          torch.ones(1, past, dtype=torch.long), torch.arange(past)[None], torch.zeros(1, 0).long(),
+                          None)
     backend = pipe.backend
-    backend.prefill(prompt)
-    token, times = np.array([42]), []
+    _, cache = backend.prefill(prompt)
+    token, times = torch.tensor([42]), []
     for i in range(steps):
-        mask, position = np.ones((1, past + i + 1), np.int64), np.array([[past + i]])
+        mask, position = torch.ones(1, past + i + 1, dtype=torch.long), torch.tensor([[past + i]])
         start = time.perf_counter()
-        backend.step(token, mask, position)
+        backend.step(cache, token, mask, position)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
 

@@ -1,4 +1,7 @@
-"""Keep-top-k in order: count, order, uniqueness, tie-breaking, budget forms and errors."""
+"""Keep-top-k in order: count, order, uniqueness, tie-breaking, budget forms and errors.
+
+A budget above N is refused (covipal.budget's policy), so the generated budgets are capped at N here.
+"""
 
 from __future__ import annotations
 
@@ -32,20 +35,20 @@ def reference_keep(scores: torch.Tensor, budget: int) -> list[list[int]]:
 def test_matches_reference_rule_with_ties(batch, num_tokens, budget, levels, seed):
     generator = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, levels, (batch, num_tokens), generator=generator).float()
-    kept = keep_topk_in_order(scores, budget)
     k = min(budget, num_tokens)
+    kept = keep_topk_in_order(scores, k)
     assert kept.shape == (batch, k) and kept.dtype == torch.int64
     for row in kept.tolist():
         assert row == sorted(set(row)), "ascending and unique"
-    assert kept.tolist() == reference_keep(scores, budget)
+    assert kept.tolist() == reference_keep(scores, k)
 
 
 @settings(max_examples=100, deadline=None)
 @given(num_tokens=st.integers(1, 64), budget=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
 def test_distinct_scores_keep_the_k_largest(num_tokens, budget, seed):
     scores = torch.rand(2, num_tokens, generator=torch.Generator().manual_seed(seed))
-    kept = keep_topk_in_order(scores, budget)
     k = min(budget, num_tokens)
+    kept = keep_topk_in_order(scores, k)
     expected = torch.sort(torch.topk(scores, k).indices, dim=-1).values
     assert torch.equal(kept, expected)
 
@@ -57,8 +60,11 @@ def test_all_ties_keep_the_first_tokens():
 
 def test_budget_as_tensor_equals_int():
     scores = torch.rand(2, 30, generator=torch.Generator().manual_seed(1))
-    for budget in (1, 7, 30, 45):
+    for budget in (1, 7, 30):
         assert torch.equal(keep_topk_in_order(scores, torch.tensor(budget)), keep_topk_in_order(scores, budget))
+    for budget in (45, torch.tensor(45)):
+        with pytest.raises(CovipalError, match="budget 45 is larger than the 30 visual tokens"):
+            keep_topk_in_order(scores, budget)
 
 
 @pytest.mark.parametrize("budget, message", [

@@ -89,7 +89,8 @@ def test_every_name_builds(tiny):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"name": "top-attention"}, "unknown strategy 'top-attention'; choose one of: ppm, random, uniform, text-sim, knorm"),
+    ({"name": "top-attention"},
+     "unknown strategy 'top-attention'; choose one of: ppm, random, uniform, text-sim, knorm"),
     ({"name": "ppm"}, "strategy 'ppm' needs a trained PPM checkpoint"),
     ({"name": "knorm"}, "strategy 'knorm' needs the model's decoder"),
 ])

@@ -9,19 +9,21 @@ import time
 
 import numpy as np
 import pytest
-from conftest import requires_easy_vqa
 import torch
+from conftest import requires_easy_vqa
 from PIL import Image
 
-from covipal.attention_labels import OracleScores, visual_attention_labels
-from covipal.data.instruct_json import load_instruct_json
 from covipal.errors import CovipalError
-from covipal.gradient_labels import answer_gradient_labels
 from covipal.modeling_ppm import PruningModule, weights_sha256
 from covipal.models import load_model
 from covipal.pruning import image_span, prune_prompt
-from covipal.soft_pruning import answer_loss, soft_key_bias, soft_pruning_mask
-from covipal.train import answer_ids, normal_ranks, pad_answered
+from covipal.training.attention_labels import visual_attention_labels
+from covipal.training.batching import answer_ids, pad_answered
+from covipal.training.data.instruct_json import load_instruct_json
+from covipal.training.gradient_labels import answer_gradient_labels
+from covipal.training.guide_layer_sweep import OracleScores
+from covipal.training.soft_pruning import answer_loss, soft_key_bias, soft_pruning_mask
+from covipal.training.train_ppm import normal_ranks
 
 
 def full_prompt(model, images, questions):
@@ -36,7 +38,7 @@ def test_labels_equal_eager_attention_weights(images, questions):
     """The one-layer labels equal Hugging Face's own eager attention probabilities at that layer."""
     model = load_model("tiny-random-llava")  # a private copy: switched to eager attention below
     batch, visual, embeds = full_prompt(model, images[:2], questions[1:3])  # different lengths: left padding
-    full = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id, None, None)
+    full = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id, None)
     layers = [0, 1]
     labels = visual_attention_labels(model, full.inputs_embeds, batch.input_ids, batch.attention_mask, layers)
 
@@ -65,7 +67,7 @@ def test_minus_infinity_bias_is_hard_pruning(tiny, images, questions, policy_bud
     """A key bias of -inf on the dropped tokens gives the hard-pruned prompt's logits (original positions)."""
     batch, visual, embeds = full_prompt(tiny, images[:2], questions[:2])
     scores = torch.randn(2, tiny.num_visual_tokens, generator=torch.Generator().manual_seed(policy_budget))
-    full = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, tiny.image_token_id, None, None)
+    full = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, tiny.image_token_id, None)
     hard = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, tiny.image_token_id,
                         OracleScores(scores), policy_budget, "keep")
     kept = torch.zeros_like(scores, dtype=torch.bool).scatter(1, hard.kept_index, True)
@@ -221,7 +223,7 @@ def test_training_is_deterministic_and_resumes(tmp_path):
 
 @requires_easy_vqa  # the sweep's questions come from easy-VQA even for the tiny model
 def test_guide_layer_sweep_with_the_answer_gradient_row():
-    result = subprocess.run([sys.executable, "-m", "covipal.attention_labels", "--model", "tiny-random-llava",
+    result = subprocess.run([sys.executable, "-m", "covipal.training.guide_layer_sweep", "--model", "tiny-random-llava",
                              "--layers", "0,1", "--budgets", "8,2", "--limit", "4", "--answer-gradient"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

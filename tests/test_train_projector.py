@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from covipal.models.mini_llava import MiniLlavaProjector, ProjectorConfig
-from covipal.train_projector import answer_loss, token_dropout
+from covipal.training.train_projector import answer_loss, token_dropout
 
 
 def test_token_dropout_sizes():

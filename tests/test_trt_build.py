@@ -15,10 +15,11 @@ import pytest
 
 from covipal.errors import CovipalError
 from covipal_export import names
-from covipal_export.exporter import ExportOptions, export_model
+from covipal_export.build.engines import TIMING_CACHE, build_engines
+from covipal_export.engine_info import check_engine, import_tensorrt, read_engine_info
+from covipal_export.export.exporter import ExportOptions, export_model
 from covipal_export.manifest import load_manifest
-from covipal_export.trt_build import (ENGINE_DIR, TIMING_CACHE, build_engines, check_engine, import_tensorrt,
-                                      read_engine_info)
+from covipal_export.names import ENGINE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,

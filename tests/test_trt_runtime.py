@@ -18,9 +18,11 @@ import torch
 
 from covipal.cli import run as run_cli
 from covipal.errors import CovipalError
+from covipal_export.build.engines import build_engines
+from covipal_export.engine_info import import_tensorrt
+from covipal_export.names import ENGINE_DIR
 from covipal_export.runtime import Pipeline, selection, trt_backend
 from covipal_export.runtime.cli import main as run_trt_main
-from covipal_export.trt_build import ENGINE_DIR, build_engines, import_tensorrt
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = str(ROOT / "covipal" / "assets" / "easy-vqa-test-0.png")

@@ -82,7 +82,8 @@ class VisionLanguageModel(nn.Module):
         return self.vision(pixel_values.to(dtype))
 
     def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings `[B, L, D]` of a prompt; image slots are embedded as token 0 (the splice overwrites them)."""
+        """Token embeddings `[B, L, D]` of a prompt; image slots are embedded as token 0 (the splice overwrites
+        them)."""
         return self.embed_tokens(input_ids.masked_fill(input_ids == self.image_token_id, 0))
 
     def new_cache(self) -> DynamicCache:

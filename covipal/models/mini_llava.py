@@ -67,15 +67,17 @@ class MiniLlavaProjector(nn.Module):
     def save(self, directory: str | Path, metadata: dict) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / PROJECTOR_CONFIG).write_text(json.dumps({"config": asdict(self.config), **metadata}, indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / PROJECTOR_WEIGHTS))
+        record = {"config": asdict(self.config), **metadata}
+        (directory / PROJECTOR_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(weights, str(directory / PROJECTOR_WEIGHTS))
 
     @classmethod
     def load(cls, directory: str | Path) -> "MiniLlavaProjector":
         directory = Path(directory)
         if not (directory / PROJECTOR_WEIGHTS).is_file():
             raise CovipalError(f"no mini-llava projector at {directory}: train one with "
-                               f"`python -m covipal.train_projector --out DIR`")
+                               f"`python -m covipal.training.train_projector --out DIR`")
         record = json.loads((directory / PROJECTOR_CONFIG).read_text())
         projector = cls(ProjectorConfig(**record["config"]))
         projector.load_state_dict(load_file(str(directory / PROJECTOR_WEIGHTS)), strict=True)

@@ -79,7 +79,8 @@ def load_model(
     """
     if name == "tiny-random-llava":
         hf_model, processor = build_tiny_llava()
-        adapter = adapter_from_hf(hf_model, ModelInfo(name, "random weights (seed 0), built offline", random_weights=True), processor)
+        info = ModelInfo(name, "random weights (seed 0), built offline", random_weights=True)
+        adapter = adapter_from_hf(hf_model, info, processor)
         return adapter.to(device=device, dtype=dtype)
     if name == "mini-llava":
         from covipal.models.mini_llava import build_mini_llava
@@ -112,7 +113,8 @@ def _random_llava(name: str, spec: LlavaSpec, num_layers: int | None, dtype: tor
     return adapter_from_hf(hf_model, info, processor)
 
 
-def _pretrained_llava(name: str, checkpoint: Path, dtype: torch.dtype, device: str | torch.device) -> VisionLanguageModel:
+def _pretrained_llava(name: str, checkpoint: Path, dtype: torch.dtype,
+                      device: str | torch.device) -> VisionLanguageModel:
     hf_model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
     hf_model = hf_model.to(device).eval()
     processor = _load_processor(checkpoint, num_visual_tokens(hf_model.config))

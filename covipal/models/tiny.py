@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
 
 from covipal.models.processing import ImagePreprocessing, PromptProcessor
 
@@ -67,7 +72,8 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_layer=-2,
                        vision_feature_select_strategy="default", projector_hidden_act="gelu",
                        tie_word_embeddings=False)

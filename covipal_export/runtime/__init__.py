@@ -1,12 +1,17 @@
 """The runtime: an export directory answering questions about images, on the best backend present.
 
-    export_dir.py     open a directory (manifest + checksums) and rebuild its prompt processor
-    backend.py        the stage interface every backend implements, and ONNX Runtime (CPU / CUDA, KV in OrtValues)
-    torch_backend.py  the PyTorch reference behind the same interface (rebuilds the model from the registry)
+Reads nothing about a model but the directory's manifest, and imports nothing from export/ or build/
+(no onnx, onnxscript or torch.onnx; ONNX Runtime, TensorRT and torch only).
+
+    export_dir.py     find and open a directory (manifest + checksums) and rebuild its prompt processor
+    backend.py        the stage interface every backend implements; what the graph backends share
+    ort_backend.py    ONNX Runtime (CPU / CUDA), the KV cache in OrtValues
     trt_backend.py    TensorRT engines (DIR/trt) on torch CUDA tensors, the KV cache kept on the GPU
+    torch_backend.py  the PyTorch reference behind the same interface
+    reference.py      the PyTorch model and strategy of a directory, rebuilt from the covipal registry
     selection.py      which backends are usable here, and what `auto` picks and why
-    pipeline.py       `Pipeline`: preprocessing -> vision -> prune -> splice -> prefill -> decode loop, with stats
-    cli.py            `python run_trt.py IMAGE QUESTION`
+    pipeline.py       `Pipeline`: preprocessing -> vision -> prune -> splice -> prefill -> the decode loop, timed
+    cli.py            `python run_trt.py IMAGE QUESTION` (also `covipal-run`)
 """
 
 from covipal_export.runtime.pipeline import GenerationResult, GenerationStream, Pipeline, Timings

@@ -1,102 +1,108 @@
-"""The stage interface a backend implements, and the ONNX Runtime backend (CPU, or CUDA when usable).
+"""The stage interface every backend implements, and the part the graph backends share.
 
-A backend runs the four stages of an export directory; the pipeline owns tokenization, sampling and
-the decode loop. The KV cache lives inside the backend between `prefill` and the following `step`s:
+A backend runs the stages of an export directory; the `Pipeline` owns tokenization, timing and the
+decode loop (`covipal.generation.decode_loop`). A backend holds no generation state: `prefill` returns
+the call's KV cache and each `step` extends the cache it is given, so concurrent calls do not mix.
 
-    encode_images(pixel_values [B, 3, S, S])                          -> visual [B, N, D]
-    prune(input_ids [B, L], attention_mask [B, L], visual, budget)    -> PrunedPrompt (embed + prune + splice)
-    prefill(prompt)                                                   -> logits [B, V]   (starts a new cache)
-    step(token [B], attention_mask [B, P+1], position_ids [B, 1])     -> logits [B, V]   (extends the cache)
+    encode_images(pixel_values [B, 3, S, S])                   -> visual [B, N, D]
+    embed_prompt(input_ids [B, L])                             -> embeds [B, L, D] (image slots as token 0)
+    selector.select(visual, text_embeds, text_mask, k)         -> kept_index [B, k], scores [B, N]
+    prune(input_ids, attention_mask, visual, k, policy)        -> covipal.pruning.PrunedPrompt (covipal's splice)
+    prefill(prompt)                                            -> logits [B, V], cache
+    step(cache, token [B], attention_mask [B, P+1], position_ids [B, 1]) -> logits [B, V]; the cache grows by one
+
+Tensors at this interface are torch CPU tensors; each backend converts to what it runs on.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
-import onnxruntime as ort
+import torch
 
+from covipal.pruning import PrunedPrompt, Selector, prune_prompt
 from covipal_export import names
 from covipal_export.manifest import Manifest
-from covipal_export.ort_chain import OrtChain, PrunedPrompt
 
-ORT_DEVICES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
+
+@dataclass
+class KVCache:
+    """One call's decoder cache, held by the caller from `prefill` to its last `step`."""
+
+    values: Any  # the backend's own form: ONNX Runtime OrtValues, CUDA tensors, a transformers DynamicCache
 
 
 class Backend(ABC):
     """One way of running the stages; `name` is what results and the CLI report."""
 
     name: str
+    device: str = "cpu"  # where the decoder and its KV cache live
+    manifest: Manifest
 
     @abstractmethod
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """visual_tokens [B, N, D]."""
 
     @abstractmethod
-    def prune(self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: np.ndarray, budget: int,
+    def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, L, D]; image slots are embedded as token 0 (the splice overwrites them)."""
+
+    @property
+    @abstractmethod
+    def selector(self) -> Selector:
+        """What keeps the top k visual tokens: the pruning graph, or the reference strategy."""
+
+    def prune(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor, k: int,
               position_policy: str) -> PrunedPrompt:
-        """Embed the prompt, keep `budget` visual tokens and splice them in."""
+        """Embed the prompt, keep `k` visual tokens (1..N, checked by the caller) and splice them in."""
+        embeds = self.embed_prompt(input_ids)  # [B, L, D]
+        return prune_prompt(embeds, input_ids, attention_mask, visual, self.manifest.model.image_token_id,
+                            self.selector, k, position_policy)
 
     @abstractmethod
-    def prefill(self, prompt: PrunedPrompt) -> np.ndarray:
-        """Logits of the last prompt position [B, V]; the cache now holds the prompt."""
+    def prefill(self, prompt: PrunedPrompt) -> tuple[torch.Tensor, KVCache]:
+        """Logits of the last prompt position [B, V] (float32) and the cache holding the prompt."""
 
     @abstractmethod
-    def step(self, token: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Logits [B, V] after feeding one token per row; the cache grows by one."""
+    def step(self, cache: KVCache, token: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (float32) after feeding one token per row; `cache` grows by one."""
 
 
-class OrtBackend(Backend):
-    """ONNX Runtime sessions; the decoder runs through I/O binding so that the KV cache stays in OrtValues.
+class GraphBackend(Backend):
+    """A backend that runs the exported graphs (ONNX Runtime sessions, TensorRT engines) through `run`."""
 
-    Each step binds the previous step's `present.*` outputs as `past_key_values.*` inputs: the cache never
-    round-trips through numpy (on CUDA it never leaves the device); only the logits [B, 1, V] come back.
-    """
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self._selector = GraphSelector(self)
 
-    def __init__(self, directory: str | Path, manifest: Manifest, provider: str = "CPUExecutionProvider",
-                 threads: int | None = None):
-        self.chain = OrtChain(directory, providers=[provider], threads=threads)
-        self.name = f"onnxruntime-{ORT_DEVICES[provider]}"
-        self.device = ORT_DEVICES[provider]
-        self.decoder = self.chain.sessions[names.DECODER]
-        graph = manifest.graphs[names.DECODER]
-        self.dtypes = {spec.name: spec.dtype for spec in graph.inputs}
-        self.past_names = names.past_names(manifest.decoder.num_layers)
-        self.present_names = names.present_names(manifest.decoder.num_layers)
-        self.past: list[ort.OrtValue] = []
+    @abstractmethod
+    def run(self, stage: str, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One graph; outputs by name, as torch tensors on the backend's device."""
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.chain.encode_images(pixel_values)
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.run(names.VISION, {names.PIXEL_VALUES: pixel_values})[names.VISUAL_TOKENS].cpu()  # [B, N, D]
 
-    def prune(self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: np.ndarray, budget: int,
-              position_policy: str) -> PrunedPrompt:
-        return self.chain.prune_and_splice(input_ids, attention_mask, visual, budget, position_policy)
+    def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        input_ids = input_ids.masked_fill(input_ids == self.manifest.model.image_token_id, 0)
+        return self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS].cpu()  # [B, L, D]
 
-    def prefill(self, prompt: PrunedPrompt) -> np.ndarray:
-        decoder = self.chain.manifest.decoder
-        shape = (prompt.inputs_embeds.shape[0], decoder.num_kv_heads, 0, decoder.head_dim)  # [B, Hkv, 0, Dh]
-        dtype = self.dtypes[self.past_names[0]]
-        self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
-                     for _ in self.past_names]
-        return self._decode(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)
+    @property
+    def selector(self) -> Selector:
+        return self._selector
 
-    def step(self, token: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        return self._decode(self.chain.embed(token[:, None]), attention_mask, position_ids)
 
-    def _decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """One decoder pass with past = the held cache; the present outputs become the held cache."""
-        binding = self.decoder.io_binding()
-        feeds = {names.INPUTS_EMBEDS: inputs_embeds, names.ATTENTION_MASK: attention_mask,
-                 names.POSITION_IDS: position_ids}
-        for name, array in feeds.items():
-            array = np.ascontiguousarray(array, dtype=self.dtypes[name])
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
-        for name, value in zip(self.past_names, self.past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output(names.LOGITS, "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device)  # allocated by ONNX Runtime, kept where the decoder runs
-        self.decoder.run_with_iobinding(binding)
-        logits, *self.past = binding.get_outputs()
-        return logits.numpy()[:, -1]  # [B, V]
+class GraphSelector:
+    """ppm.onnx (or its engine) as a `covipal.pruning.Selector`: the budget is an input of the graph."""
+
+    def __init__(self, backend: GraphBackend):
+        self.backend = backend
+
+    def select(self, visual_tokens: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        feeds = {names.VISUAL_TOKENS: visual_tokens, names.TEXT_EMBEDS: text_embeds, names.TEXT_MASK: text_mask,
+                 names.BUDGET: torch.tensor(k, dtype=torch.int64)}
+        out = self.backend.run(names.PRUNE, feeds)
+        return out[names.KEPT_INDEX].cpu(), out[names.SCORES].cpu()  # [B, k], [B, N]

@@ -1,7 +1,8 @@
 """`python run_trt.py IMAGE QUESTION`: answer a question about an image from an export directory.
 
 Streams the answer on stdout and a one-line summary on stderr (backend, tokens kept, TTFT, tokens/s);
-`--json` prints one JSON object instead. Bad input: one `error: ...` line and exit status 2.
+`--json` prints one JSON object instead. `--compare-unpruned` answers again without pruning in the same
+process and says what pruning saved. Bad input: one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from covipal.budget import ALL, budget_arg
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.errors import CovipalError
 from covipal.models.processing import load_image
 from covipal_export import names
-from covipal_export.exporter import DEFAULT_ROOT
-from covipal_export.runtime.pipeline import Pipeline
+from covipal_export.runtime.export_dir import find_engine_dir
+from covipal_export.runtime.pipeline import GenerationResult, Pipeline
 from covipal_export.runtime.selection import BACKENDS
 
 
@@ -23,27 +26,18 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python run_trt.py", description=__doc__.splitlines()[0])
     parser.add_argument("image", help="image file (PNG, JPEG, ...)")
     parser.add_argument("question")
-    parser.add_argument("--engine-dir", type=Path, help=f"export directory (default: the one in {DEFAULT_ROOT}/, "
+    parser.add_argument("--engine-dir", type=Path, help=f"export directory (default: the one in {names.DEFAULT_ROOT}/, "
                                                         f"or the newest when there are several)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: TensorRT, else ONNX Runtime CUDA, else ONNX Runtime CPU (default: auto)")
-    parser.add_argument("--budget", type=positive_int, help="visual tokens to keep (default: the manifest's)")
+    parser.add_argument("--budget", type=budget_arg,
+                        help=f"visual tokens to keep, at most the export's N, or '{ALL}' for no pruning "
+                             f"(default: the manifest's)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="default: 32")
+    parser.add_argument("--compare-unpruned", action="store_true",
+                        help="also answer with every visual token kept, and print the prefill time pruning saved")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return parser
-
-
-def find_engine_dir(root: Path = DEFAULT_ROOT) -> Path:
-    """The only export directory under `root`, or the newest one (said on stderr)."""
-    found = sorted((p.parent for p in root.glob(f"*/{names.MANIFEST_FILE}")),
-                   key=lambda d: (d / names.MANIFEST_FILE).stat().st_mtime)
-    if not found:
-        raise CovipalError(f"no export directory in {root}/: run `python export.py --model M --budget K` "
-                           f"or pass --engine-dir")
-    if len(found) > 1:
-        print(f"using the newest of {len(found)} exports in {root}/: {found[-1]} (pass --engine-dir to choose)",
-              file=sys.stderr)
-    return found[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(budget=args.budget, max_new_tokens=args.max_new_tokens)
     if args.json:
         result = pipe.generate(image, args.question, **options)
-        print(json.dumps(result.to_json()))
+        report = result.to_json()
+        if args.compare_unpruned:
+            pruned, unpruned = compare_unpruned(pipe, image, args.question, options)
+            report["compare_unpruned"] = {"pruned": pruned.to_json(), "unpruned": unpruned.to_json()}
+        print(json.dumps(report))
         return 0
     stream = pipe.generate(image, args.question, stream=True, **options)
     for text in stream:
@@ -65,8 +63,31 @@ def main(argv: list[str] | None = None) -> int:
     result = stream.result
     print(f"{result.backend} ({result.reason}); {result.tokens_kept}/{result.tokens_total} visual tokens kept; "
           f"TTFT {result.timings_ms.ttft:.0f} ms; {result.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    if args.compare_unpruned:
+        print(savings(*compare_unpruned(pipe, image, args.question, options)), file=sys.stderr)
     return 0
 
 
-if __name__ == "__main__":
+def compare_unpruned(pipe: Pipeline, image, question: str, options: dict) -> tuple[GenerationResult, GenerationResult]:
+    """The same call without pruning, then with pruning again, both after the first (warm-up) call."""
+    unpruned = pipe.generate(image, question, **{**options, "budget": ALL})
+    return pipe.generate(image, question, **options), unpruned
+
+
+def savings(pruned: GenerationResult, unpruned: GenerationResult) -> str:
+    """One line: tokens kept, prefill and TTFT pruned against unpruned, and whether the answers agree."""
+    ratio = unpruned.timings_ms.prefill / pruned.timings_ms.prefill if pruned.timings_ms.prefill else 0.0
+    same = "the same answer" if pruned.answer == unpruned.answer else f"unpruned answer: {unpruned.answer!r}"
+    return (f"pruning kept {pruned.tokens_kept} of {pruned.tokens_total} visual tokens: prefill "
+            f"{pruned.timings_ms.prefill:.0f} ms against {unpruned.timings_ms.prefill:.0f} ms unpruned "
+            f"({ratio:.1f}x faster), TTFT {pruned.timings_ms.ttft:.0f} ms against {unpruned.timings_ms.ttft:.0f} ms; "
+            f"{same}")
+
+
+def console() -> NoReturn:
+    """The `covipal-run` command."""
     run(main)
+
+
+if __name__ == "__main__":
+    console()

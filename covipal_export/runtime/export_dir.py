@@ -1,14 +1,29 @@
-"""Opening an export directory for the runtime: the manifest, the file checksums, the prompt processor."""
+"""Opening an export directory for the runtime: finding it, the manifest, the file checksums, the prompt processor."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
 from covipal.errors import CovipalError
 from covipal.models.processing import PromptProcessor
+from covipal_export import names
 from covipal_export.manifest import Manifest, file_problems, load_manifest
+
+
+def find_engine_dir(root: Path = names.DEFAULT_ROOT) -> Path:
+    """The only export directory under `root`, or the newest one (said on stderr)."""
+    found = sorted((p.parent for p in root.glob(f"*/{names.MANIFEST_FILE}")),
+                   key=lambda d: (d / names.MANIFEST_FILE).stat().st_mtime)
+    if not found:
+        raise CovipalError(f"no export directory in {root}/: run `python export.py --model M --budget K` "
+                           f"or pass --engine-dir")
+    if len(found) > 1:
+        print(f"using the newest of {len(found)} exports in {root}/: {found[-1]} (pass --engine-dir to choose)",
+              file=sys.stderr)
+    return found[-1]
 
 
 def open_export(directory: str | Path, check_files: bool = True) -> Manifest:
@@ -25,12 +40,12 @@ def open_export(directory: str | Path, check_files: bool = True) -> Manifest:
     return manifest
 
 
-def prompt_processor(directory: str | Path, manifest: Manifest) -> PromptProcessor:
-    """Tokenizer files + chat template + image preprocessing, from the directory alone (no model registry)."""
+def prompt_processor(directory: str | Path, manifest: Manifest) -> PromptProcessor | None:
+    """Tokenizer files + chat template + image preprocessing, from the directory alone (no model registry);
+    None when the export has none (a random-weight model built without a tokenizer)."""
     spec = manifest.tokenizer
     if spec is None or manifest.preprocessing is None:
-        raise CovipalError(f"{directory}: the manifest has no tokenizer or image preprocessing, so the runtime cannot "
-                           f"build prompts; export a model that has a processor")
+        return None
     tokenizer = AutoTokenizer.from_pretrained(Path(directory) / spec.directory)
     return PromptProcessor(tokenizer, spec.chat_template, spec.image_token, spec.num_image_tokens,
                            manifest.preprocessing, spec.add_special_tokens)

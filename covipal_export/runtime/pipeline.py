@@ -21,12 +21,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from covipal.budget import Budget, resolve_budget
 from covipal.errors import CovipalError
-from covipal.generation import SamplingConfig, next_tokens
+from covipal.generation import SamplingConfig, decode_loop
 from covipal.models.processing import ImageInput, PromptBatch, PromptProcessor
+from covipal.pruning import PrunedPrompt, check_position_policy
 from covipal_export.manifest import Manifest
-from covipal_export.ort_chain import PrunedPrompt, check_budget
-from covipal_export.runtime.backend import Backend
+from covipal_export.runtime.backend import Backend, KVCache
 from covipal_export.runtime.export_dir import open_export, prompt_processor
 from covipal_export.runtime.selection import choose_backend
 
@@ -47,6 +48,7 @@ class Timings:
 class GenerationResult:
     answers: list[str]  # one per (image, question)
     sequences: np.ndarray  # [B, n] new token ids; rows that stopped early are padded
+    kept_index: np.ndarray  # [B, k] the kept visual tokens, ascending
     backend: str
     reason: str  # why this backend was chosen
     tokens_kept: int  # k visual tokens per image
@@ -95,121 +97,166 @@ class GenerationStream:
 class Pipeline:
     """One loaded export directory on one backend; `generate` may be called any number of times."""
 
-    def __init__(self, directory: Path, manifest: Manifest, processor: PromptProcessor, backend: Backend, reason: str):
-        self.directory, self.manifest, self.processor = directory, manifest, processor
+    def __init__(self, directory: Path, manifest: Manifest, processor: PromptProcessor | None, backend: Backend,
+                 reason: str):
+        self.directory, self.manifest, self._processor = directory, manifest, processor
         self.backend, self.reason = backend, reason
 
     @classmethod
-    def from_dir(cls, engine_dir: str | Path, backend: str = "auto", check_files: bool = True) -> "Pipeline":
-        """Open `engine_dir` from its manifest alone (files checked against their sha256) on `backend`."""
+    def from_dir(cls, engine_dir: str | Path, backend: str = "auto", check_files: bool = True,
+                 threads: int | None = None) -> "Pipeline":
+        """Open `engine_dir` from its manifest alone (files checked against their sha256) on `backend`.
+
+        threads: ONNX Runtime's intra-op threads (None: its default).
+        """
         directory = Path(engine_dir)
         manifest = open_export(directory, check_files)
         processor = prompt_processor(directory, manifest)
-        chosen, reason = choose_backend(directory, manifest, backend)
+        chosen, reason = choose_backend(directory, manifest, backend, threads)
         return cls(directory, manifest, processor, chosen, reason)
 
+    @property
+    def has_processor(self) -> bool:
+        """Whether the export came with a tokenizer and image preprocessing (else: `generate_from_batch` only)."""
+        return self._processor is not None
+
+    @property
+    def processor(self) -> PromptProcessor:
+        """The directory's tokenizer, chat template and image preprocessing."""
+        if self._processor is None:
+            raise CovipalError(f"{self.directory}: the manifest has no tokenizer or image preprocessing, so prompts "
+                               f"cannot be built from questions; pass prompt tensors to generate_from_batch")
+        return self._processor
+
     def generate(self, image: ImageInput | Sequence[ImageInput], question: str | Sequence[str], *,
-                 max_new_tokens: int = 32, budget: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, position_policy: str | None = None,
-                 stream: bool = False) -> GenerationResult | GenerationStream:
-        """Answer one question about one image, or lists of both (a batch); budget None: the manifest's default."""
+                 max_new_tokens: int = 32, budget: Budget | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, position_policy: str | None = None, stream: bool = False,
+                 ignore_eos: bool = False) -> GenerationResult | GenerationStream:
+        """Answer one question about one image, or lists of both (a batch).
+
+        budget: visual tokens to keep, "all" for no pruning, None for the manifest's default.
+        ignore_eos: decode all `max_new_tokens` (benchmarks).
+        """
         single = isinstance(question, str)
         images, questions = ([image], [question]) if single else (list(image), list(question))
         if stream and len(questions) != 1:
             raise CovipalError(f"stream=True answers one question at a time, got {len(questions)}")
-        sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
-        budget = check_budget(self.manifest.pruning.default_budget if budget is None else budget)
-        run = _Run(self, sampling, position_policy or self.manifest.pruning.position_policy)
-        steps = run.tokens(run.prepare(images, questions, budget), budget)  # bad input fails here, before streaming
+        run = self._start(max_new_tokens, temperature, top_p, seed, budget, position_policy, ignore_eos)
+        steps = run.tokens(run.prepare(images, questions))  # bad input fails here, before streaming
         if stream:
             return GenerationStream((row[0] for row in steps), self.processor, run.result)
         for _ in steps:
             pass
         return run.result()
 
-    def first_token_logits(self, images: Sequence[ImageInput], questions: Sequence[str], *, budget: int | None = None,
-                           position_policy: str | None = None) -> np.ndarray:
+    def generate_from_batch(self, batch: PromptBatch, *, max_new_tokens: int = 32, budget: Budget | None = None,
+                            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                            position_policy: str | None = None, ignore_eos: bool = False) -> GenerationResult:
+        """`generate` on prompt tensors already built (left-padded ids with N image tokens, pixel values)."""
+        run = self._start(max_new_tokens, temperature, top_p, seed, budget, position_policy, ignore_eos)
+        for _ in run.tokens(run.check(batch)):
+            pass
+        return run.result()
+
+    def first_token_logits(self, images: Sequence[ImageInput], questions: Sequence[str], *,
+                           budget: Budget | None = None, position_policy: str | None = None) -> np.ndarray:
         """Logits [B, V] of the last prompt position (what the first answer token is picked from), one batch."""
-        budget = check_budget(self.manifest.pruning.default_budget if budget is None else budget)
-        run = _Run(self, SamplingConfig(max_new_tokens=1), position_policy or self.manifest.pruning.position_policy)
-        _, logits = run.prefill(run.prepare(images, questions, budget), budget)
-        return logits
+        run = self._start(1, 0.0, 1.0, 0, budget, position_policy, False)
+        _, logits, _ = run.prefill(run.prepare(images, questions))
+        return logits.numpy()
+
+    def resolve_budget(self, budget: Budget | None) -> int:
+        """k for a call: the manifest's default for None, N for "all"; refused above N."""
+        default = self.manifest.pruning.default_budget
+        return resolve_budget(default if budget is None else budget, self.manifest.shapes.visual_tokens, "this export")
+
+    def _start(self, max_new_tokens: int, temperature: float, top_p: float, seed: int, budget: Budget | None,
+               position_policy: str | None, ignore_eos: bool) -> "_Run":
+        sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
+        policy = check_position_policy(position_policy or self.manifest.pruning.position_policy)
+        return _Run(self, sampling, self.resolve_budget(budget), policy, not ignore_eos)
 
 
 class _Run:
-    """One `generate` call: the decode loop as a generator, timed stage by stage."""
+    """One `generate` call: its budget, its KV cache and the decode loop as a generator, timed stage by stage."""
 
-    def __init__(self, pipe: Pipeline, sampling: SamplingConfig, position_policy: str):
-        self.pipe, self.sampling, self.position_policy = pipe, sampling, position_policy
+    def __init__(self, pipe: Pipeline, sampling: SamplingConfig, k: int, position_policy: str, stop_at_eos: bool):
+        self.pipe, self.sampling, self.k, self.position_policy = pipe, sampling, k, position_policy
+        self.stop_at_eos = stop_at_eos
         self.timings = Timings()
         self.rows: list[list[int]] = []
         self.start = time.perf_counter()
-        self.tokens_kept = self.prefill_length = 0
+        self.kept_index = np.zeros((0, 0), np.int64)
+        self.prefill_length = 0
 
-    def prefill(self, batch: PromptBatch, budget: int) -> tuple[PrunedPrompt, np.ndarray]:
-        """Vision -> embed + prune + splice -> prefill: the pruned prompt and the last position's logits [B, V]."""
+    def prefill(self, batch: PromptBatch) -> tuple[PrunedPrompt, torch.Tensor, KVCache]:
+        """Vision -> embed + prune + splice -> prefill: the pruned prompt, the last position's logits [B, V] and
+        the call's cache."""
         backend, timings = self.pipe.backend, self.timings
-        input_ids, attention_mask = batch.input_ids.numpy(), batch.attention_mask.numpy()  # [B, L]
         mark = time.perf_counter()
-        visual = backend.encode_images(batch.pixel_values.numpy())  # [B, N, D]
+        visual = backend.encode_images(batch.pixel_values)  # [B, N, D]
         timings.vision, mark = _ms(mark), time.perf_counter()
-        prompt = backend.prune(input_ids, attention_mask, visual, budget, self.position_policy)
+        prompt = backend.prune(batch.input_ids, batch.attention_mask, visual, self.k, self.position_policy)
         timings.prune, mark = _ms(mark), time.perf_counter()
-        self.tokens_kept, self.prefill_length = prompt.kept_index.shape[1], prompt.inputs_embeds.shape[1]
-        logits = backend.prefill(prompt)  # [B, V]
+        self.kept_index, self.prefill_length = prompt.kept_index.numpy(), prompt.inputs_embeds.shape[1]
+        logits, cache = backend.prefill(prompt)  # [B, V]
         timings.prefill = _ms(mark)
-        return prompt, logits
+        return prompt, logits, cache
 
-    def tokens(self, batch: PromptBatch, budget: int) -> Iterator[list[list[int]]]:
+    def tokens(self, batch: PromptBatch) -> Iterator[list[list[int]]]:
         """Yields the tokens so far, per row, after each step (at most max_new_tokens steps)."""
-        backend, timings, special = self.pipe.backend, self.timings, self.pipe.manifest.special_tokens
-        prompt, logits = self.prefill(batch, budget)
-        generator = torch.Generator().manual_seed(self.sampling.seed)  # the reference's sampler and seeding
-        mask = prompt.attention_mask  # [B, P]
-        position = prompt.position_ids[:, -1:] + 1  # [B, 1], the last prompt token is never padding
-        finished = np.zeros(len(logits), dtype=bool)
-        self.rows = [[] for _ in logits]
+        backend, special = self.pipe.backend, self.pipe.manifest.special_tokens
+        prompt, logits, cache = self.prefill(batch)
         step_times: list[float] = []
-        for step in range(self.sampling.max_new_tokens):
-            token = next_tokens(torch.from_numpy(logits), self.sampling, generator).numpy()  # [B]
-            token = np.where(finished, special.pad, token)
+
+        def step(token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            mark = time.perf_counter()
+            logits = backend.step(cache, token, mask, position)
+            step_times.append(_ms(mark))
+            return logits
+
+        self.rows = [[] for _ in range(len(logits))]
+        loop = decode_loop(logits, prompt.attention_mask, prompt.position_ids, step, self.sampling, special.eos,
+                           special.pad, stop_at_eos=self.stop_at_eos)
+        for count, token in enumerate(loop):
             for row, value in zip(self.rows, token.tolist()):
                 row.append(value)
-            if step == 0:
-                timings.ttft = _ms(self.start)
+            if count == 0:
+                self.timings.ttft = _ms(self.start)
             yield self.rows
-            finished |= np.isin(token, special.eos)
-            if finished.all() or step == self.sampling.max_new_tokens - 1:
-                break
-            mark = time.perf_counter()
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)  # [B, P+1]
-            logits = backend.step(token, mask, position)
-            step_times.append(_ms(mark))
-            position = position + 1
-        timings.decode_per_token = float(np.mean(step_times)) if step_times else 0.0
+        self.timings.decode_per_token = float(np.mean(step_times)) if step_times else 0.0
 
-    def prepare(self, images: Sequence[ImageInput], questions: Sequence[str], budget: int) -> PromptBatch:
+    def prepare(self, images: Sequence[ImageInput], questions: Sequence[str]) -> PromptBatch:
         """Prompt ids (left-padded) and pixel values, checked against the export's batch and context sizes."""
-        shapes = self.pipe.manifest.shapes
-        if len(questions) > shapes.max_batch:
-            raise CovipalError(f"this export takes at most {shapes.max_batch} questions at once, got {len(questions)}")
+        self._check_batch_size(len(questions))
         mark = time.perf_counter()
         batch = self.pipe.processor(images, questions)
         self.timings.preprocess = _ms(mark)
-        num_visual = shapes.visual_tokens
-        needed = batch.input_ids.shape[1] - num_visual + min(budget, num_visual) + self.sampling.max_new_tokens
+        return self.check(batch)
+
+    def check(self, batch: PromptBatch) -> PromptBatch:
+        """The batch fits the export: at most max_batch rows, and the pruned prompt + new tokens in its context."""
+        shapes = self.pipe.manifest.shapes
+        self._check_batch_size(batch.input_ids.shape[0])
+        needed = batch.input_ids.shape[1] - shapes.visual_tokens + self.k + self.sampling.max_new_tokens
         if needed > shapes.max_context:
             raise CovipalError(f"the question is too long: its prompt after pruning + {self.sampling.max_new_tokens} "
                                f"new tokens need {needed} positions, this export's context holds {shapes.max_context}")
         return batch
 
+    def _check_batch_size(self, size: int) -> None:
+        max_batch = self.pipe.manifest.shapes.max_batch
+        if size > max_batch:
+            raise CovipalError(f"this export takes at most {max_batch} questions at once, got {size}")
+
     def result(self) -> GenerationResult:
         pipe = self.pipe
         sequences = np.array(self.rows, dtype=np.int64)  # [B, n]
-        answers = [pipe.processor.decode(row) for row in self.rows]
+        answers = [pipe.processor.decode(row) for row in self.rows] if pipe.has_processor else []
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        return GenerationResult(answers, sequences, pipe.backend.name, pipe.reason, self.tokens_kept,
-                                pipe.manifest.model.num_visual_tokens, self.prefill_length, self.timings, peak)
+        return GenerationResult(answers, sequences, self.kept_index, pipe.backend.name, pipe.reason,
+                                self.kept_index.shape[1], pipe.manifest.model.num_visual_tokens, self.prefill_length,
+                                self.timings, peak)
 
 
 def _ms(since: float) -> float:

@@ -21,14 +21,13 @@ import torch
 
 from covipal.errors import CovipalError
 from covipal_export import names
+from covipal_export.engine_info import engine_path, import_tensorrt, read_engine_info
 from covipal_export.manifest import Manifest
-from covipal_export.ort_chain import new_session
-from covipal_export.runtime.backend import Backend, OrtBackend
+from covipal_export.runtime.backend import Backend
+from covipal_export.runtime.ort_backend import CUDA, OrtBackend, new_session
 from covipal_export.runtime.trt_backend import TrtBackend
-from covipal_export.trt_build import ENGINE_DIR, import_tensorrt, read_engine_info
 
 BACKENDS = ("auto", "trt", "ort", "torch")
-CUDA = "CUDAExecutionProvider"
 
 
 def cuda_device_count() -> int:
@@ -45,8 +44,9 @@ def cuda_device_count() -> int:
 
 def tensorrt_missing(directory: Path) -> str | None:
     """Why the engines of `directory` cannot run here (the first thing missing), or None when they can be loaded."""
-    engine_dir = directory / ENGINE_DIR
-    files = [engine_dir / f"{stage}{suffix}" for stage in names.STAGES for suffix in (".engine", ".engine.json")]
+    engine_dir = directory / names.ENGINE_DIR
+    files = [path for stage in names.STAGES
+             for path in (engine_path(directory, stage), engine_path(directory, stage).with_suffix(".engine.json"))]
     if not all(path.is_file() for path in files):
         return f"no TensorRT engines in {engine_dir} (build them with `python -m covipal_export.build {directory}`)"
     if cuda_device_count() == 0:
@@ -74,8 +74,12 @@ def ort_cuda_missing(directory: Path, manifest: Manifest) -> str | None:
     return None
 
 
-def choose_backend(directory: Path, manifest: Manifest, requested: str) -> tuple[Backend, str]:
-    """The backend to run `directory` with, and a one-line reason for the choice."""
+def choose_backend(directory: Path, manifest: Manifest, requested: str,
+                   threads: int | None = None) -> tuple[Backend, str]:
+    """The backend to run `directory` with, and a one-line reason for the choice.
+
+    threads: ONNX Runtime's intra-op threads (None: its default, one per physical core).
+    """
     if requested not in BACKENDS:
         raise CovipalError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
     if requested == "torch":
@@ -93,11 +97,11 @@ def choose_backend(directory: Path, manifest: Manifest, requested: str) -> tuple
                 no_trt = str(error)
             else:
                 why = "requested TensorRT" if requested == "trt" else "engines, TensorRT and a GPU are present"
-                return backend, f"{why}; {backend.name} engines from {directory / ENGINE_DIR}"
+                return backend, f"{why}; {backend.name} engines from {directory / names.ENGINE_DIR}"
         if requested == "trt":
             raise CovipalError(f"--backend trt is not available: {no_trt}; use --backend ort")
     no_cuda = ort_cuda_missing(directory, manifest)
     why = "requested ONNX Runtime" if requested == "ort" else f"TensorRT not used: {no_trt}"
     if no_cuda is None:
-        return OrtBackend(directory, manifest, CUDA), f"{why}; ONNX Runtime on CUDA"
-    return OrtBackend(directory, manifest), f"{why}; ONNX Runtime on CPU: {no_cuda}"
+        return OrtBackend(directory, manifest, CUDA, threads), f"{why}; ONNX Runtime on CUDA"
+    return OrtBackend(directory, manifest, threads=threads), f"{why}; ONNX Runtime on CPU: {no_cuda}"

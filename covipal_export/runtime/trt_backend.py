@@ -1,44 +1,45 @@
 """TensorRT engines behind the backend interface: DIR/trt/<stage>.engine, run on torch CUDA tensors.
 
     load      each engine with the module that built it (`tensorrt` or `tensorrt_rtx`, from its .engine.json),
-              after `trt_build.check_engine` (same TensorRT version, same GPU) and a check that it was built
+              after `engine_info.check_engine` (same TensorRT version, same GPU) and a check that it was built
               from this directory's graph (the TopKGather plugin registered first where the engine holds it);
-              one execution context per engine
+              one execution context per engine, so calls to one engine take turns (a lock)
     run       inputs become torch CUDA tensors (the `budget` shape input stays in host memory, as TensorRT
               reads its value), set_input_shape, then each output's shape from get_tensor_shape (kept tokens
               [B, k, D] follow the budget), set_tensor_address, scratch memory for these shapes (a torch buffer
-              that grows), execute_async_v3; everything is queued on the backend's torch CUDA stream
+              that grows), execute_async_v3 on the backend's stream, which is synchronized before returning
     KV cache  the decoder's present.* tensors are the next step's past_key_values.*: the cache never leaves the
               GPU, new buffers come from torch's caching allocator, and only logits [B, V] are copied back
-    prompt    the host steps (text for scoring, splice of the kept tokens) are OrtChain's, fed by the engines
+    prompt    covipal's host steps (text for scoring, splice of the kept tokens), fed by the engines
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
 
 from covipal.errors import CovipalError
+from covipal.pruning import PrunedPrompt
 from covipal_export import names
+from covipal_export.engine_info import (
+    EngineInfo,
+    check_engine,
+    engine_path,
+    gpu_target,
+    import_tensorrt,
+    make_logger,
+    read_engine_info,
+    rebuild_hint,
+)
 from covipal_export.manifest import Manifest
-from covipal_export.ort_chain import OrtChain, PrunedPrompt
 from covipal_export.plugin.trt_plugin import register_plugin
-from covipal_export.runtime.backend import Backend
-from covipal_export.trt_build import (ENGINE_DIR, EngineInfo, build_target, check_engine, import_tensorrt, make_logger,
-                                      read_engine_info)
+from covipal_export.runtime.backend import GraphBackend, KVCache
 
 Feed = np.ndarray | torch.Tensor
-
-
-def gpu_target(trt: ModuleType) -> str:
-    """This GPU as `trt_build` records an engine's target: "sm89" (TensorRT-RTX), "NAME (sm89)" (TensorRT)."""
-    if trt.__name__ != "tensorrt_rtx":
-        return build_target(trt, None)
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm{major}{minor}"
 
 
 class Engine:
@@ -50,16 +51,16 @@ class Engine:
         check_engine(info, trt, gpu_target(trt), directory)
         graph = manifest.graphs[stage]
         if info.onnx_sha256 != manifest.files[graph.file].sha256:
-            raise CovipalError(f"{stage}.engine was built from another {graph.file} than this export's: rebuild with "
-                               f"`python -m covipal_export.build {directory}`")
+            raise CovipalError(f"{stage}.engine was built from another {graph.file} than this export's: "
+                               f"{rebuild_hint(directory)}")
         if info.gather == "plugin":  # a PPM engine built with `--gather plugin` holds the TopKGather plugin
             register_plugin(trt)
         self.stage, self.logger = stage, make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine((directory / ENGINE_DIR / f"{stage}.engine").read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path(directory, stage).read_bytes())
         if self.engine is None:
             raise CovipalError(f"{trt.__name__} cannot load {stage}.engine ({'; '.join(self.logger.errors[-2:])}): "
-                               f"rebuild with `python -m covipal_export.build {directory}`")
+                               f"{rebuild_hint(directory)}")
         # scratch memory sized for the shapes of each call, not for the profile's maxima (batch 8 x full context)
         self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         self.scratch: torch.Tensor | None = None
@@ -72,9 +73,14 @@ class Engine:
         self.profiles = {p.name: p for p in info.profiles}
         self.placeholder = torch.empty(256, dtype=torch.uint8, device="cuda")  # empty tensors still need an address
         self.module = trt.__name__
+        self.lock = threading.Lock()  # one execution context: one call at a time
 
     def run(self, feeds: dict[str, Feed]) -> dict[str, torch.Tensor]:
         """Outputs as new CUDA tensors, queued on the current torch stream; numpy feeds are cast and uploaded."""
+        with self.lock:
+            return self._run(feeds)
+
+    def _run(self, feeds: dict[str, Feed]) -> dict[str, torch.Tensor]:
         placed = {name: self._place(name, feeds[name]) for name in self.inputs}  # alive until enqueued
         for name, tensor in placed.items():
             if name in self.dynamic and not self.context.set_input_shape(name, tuple(tensor.shape)):
@@ -109,58 +115,44 @@ class Engine:
         return tensor.data_ptr() if tensor.numel() else self.placeholder.data_ptr()
 
 
-class EngineChain(OrtChain):
-    """OrtChain's host steps (embed -> text for scoring -> prune -> splice) with every stage run by an engine."""
-
-    def __init__(self, directory: Path, manifest: Manifest):  # engines instead of ONNX Runtime sessions
-        self.directory, self.manifest = directory, manifest
-        self.engines = {stage: Engine(directory, manifest, stage) for stage in names.STAGES}
-
-    def run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if stage == names.PRUNE:  # the graph clamps the budget to [1, N]; the engine's profile only takes that range
-            feeds = {**feeds, names.BUDGET: np.minimum(feeds[names.BUDGET], self.manifest.shapes.visual_tokens)}
-        outputs = self.engines[stage].run(feeds)
-        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
-
-
-class TrtBackend(Backend):
+class TrtBackend(GraphBackend):
     """The four engines on one GPU; the decoder's KV cache stays in CUDA tensors between steps."""
 
     def __init__(self, directory: str | Path, manifest: Manifest):
-        self.chain = EngineChain(Path(directory), manifest)  # refuses engines from another TensorRT or GPU first
+        super().__init__(manifest)
+        directory = Path(directory)
+        self.engines = {stage: Engine(directory, manifest, stage) for stage in names.STAGES}  # refuses stale engines
         self.stream = torch.cuda.Stream()
-        self.decoder, self.embedder = self.chain.engines[names.DECODER], self.chain.engines[names.EMBED]
+        self.decoder = self.engines[names.DECODER]
         self.name = self.decoder.module.replace("_", "-")  # "tensorrt" or "tensorrt-rtx"
+        self.device = "cuda"
         self.past_names = names.past_names(manifest.decoder.num_layers)
         self.present_names = names.present_names(manifest.decoder.num_layers)
-        self.past: list[torch.Tensor] = []
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+    def run(self, stage: str, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One engine on the backend's stream, synchronized: the outputs are ready when this returns."""
         with torch.cuda.stream(self.stream):
-            return self.chain.encode_images(pixel_values)  # [B, N, D]
+            outputs = self.engines[stage].run(feeds)
+        self.stream.synchronize()
+        return outputs
 
-    def prune(self, input_ids: np.ndarray, attention_mask: np.ndarray, visual: np.ndarray, budget: int,
-              position_policy: str) -> PrunedPrompt:
-        with torch.cuda.stream(self.stream):
-            return self.chain.prune_and_splice(input_ids, attention_mask, visual, budget, position_policy)
-
-    def prefill(self, prompt: PrunedPrompt) -> np.ndarray:
-        decoder = self.chain.manifest.decoder
+    def prefill(self, prompt: PrunedPrompt) -> tuple[torch.Tensor, KVCache]:
+        decoder = self.manifest.decoder
         shape = (prompt.inputs_embeds.shape[0], decoder.num_kv_heads, 0, decoder.head_dim)  # [B, Hkv, 0, Dh]
-        with torch.cuda.stream(self.stream):
-            empty = torch.empty(shape, dtype=self.decoder.dtypes[self.past_names[0]], device="cuda")
-            self.past = [empty] * len(self.past_names)
-            return self._decode(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)
+        empty = torch.empty(shape, dtype=self.decoder.dtypes[self.past_names[0]], device="cuda")
+        cache = KVCache([empty] * len(self.past_names))
+        return self._decode(cache, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids), cache
 
-    def step(self, token: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        with torch.cuda.stream(self.stream):
-            embeds = self.embedder.run({names.INPUT_IDS: token[:, None]})[names.TEXT_EMBEDS]  # [B, 1, D], on the GPU
-            return self._decode(embeds, attention_mask, position_ids)
+    def step(self, cache: KVCache, token: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.run(names.EMBED, {names.INPUT_IDS: token[:, None]})[names.TEXT_EMBEDS]  # [B, 1, D], on the GPU
+        return self._decode(cache, embeds, attention_mask, position_ids)
 
-    def _decode(self, inputs_embeds: Feed, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """One decoder pass with past = the held cache; the present outputs become the held cache."""
+    def _decode(self, cache: KVCache, inputs_embeds: Feed, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        """One decoder pass with past = `cache`; the present outputs become `cache`."""
         feeds = {names.INPUTS_EMBEDS: inputs_embeds, names.ATTENTION_MASK: attention_mask,
-                 names.POSITION_IDS: position_ids, **dict(zip(self.past_names, self.past))}
-        outputs = self.decoder.run(feeds)
-        self.past = [outputs[name] for name in self.present_names]  # [B, Hkv, P + S, Dh], still on the GPU
-        return outputs[names.LOGITS][:, -1].cpu().numpy()  # [B, V], the only copy back
+                 names.POSITION_IDS: position_ids, **dict(zip(self.past_names, cache.values))}
+        outputs = self.run(names.DECODER, feeds)
+        cache.values = [outputs[name] for name in self.present_names]  # [B, Hkv, P + S, Dh], still on the GPU
+        return outputs[names.LOGITS][:, -1].float().cpu()  # [B, V], the only copy back

@@ -8,21 +8,18 @@ The module is chosen at run time: `tensorrt` (full TensorRT: x86 from NVIDIA's i
 Jetson) where it imports, else `tensorrt_rtx` (TensorRT-RTX from PyPI), which builds ahead of time
 for a chosen compute capability even without a GPU. Networks are strongly typed, so fp16 engines
 come from fp16 ONNX and fp32 engines from fp32 ONNX. A timing cache is reused across builds.
-The `.engine.json` beside each engine records what built it; `check_engine` refuses an engine made
-by another TensorRT or for another GPU with a one-line error that says how to rebuild.
-With `--gather plugin` (full TensorRT only) the PPM engine is built from trt/ppm.plugin.onnx, ppm.onnx
-with its keep-top-k swapped for the TopKGather plugin (covipal_export/plugin); the ONNX Runtime path
-and the manifest keep the standard graph.
+The `.engine.json` beside each engine records what built it (covipal_export.engine_info, which the
+runtime checks before loading an engine). With `--gather plugin` (full TensorRT only) the PPM engine
+is built from trt/ppm.plugin.onnx: ppm.onnx with its keep-top-k swapped for the TopKGather plugin
+(plugin_graph.py; the plugin itself is covipal_export/plugin). The ONNX Runtime path and the manifest
+keep the standard graph.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -30,70 +27,25 @@ from tqdm import tqdm
 
 from covipal.errors import CovipalError
 from covipal_export import names
+from covipal_export.build.plugin_graph import write_plugin_graph
+from covipal_export.engine_info import (
+    EngineInfo,
+    Profile,
+    TensorInfo,
+    gpu_target,
+    import_tensorrt,
+    make_logger,
+    write_engine_info,
+)
 from covipal_export.manifest import Manifest, load_manifest, sha256_of
-from covipal_export.plugin.onnx_node import write_plugin_graph
 from covipal_export.plugin.trt_plugin import register_plugin
 
-ENGINE_DIR = names.ENGINE_DIR
 TIMING_CACHE = "timing.cache"  # beside the export directories (engines/timing.cache), shared by their builds
 RTX_DEFAULT_CAPABILITY = "8.9"  # TensorRT-RTX targets SM75-SM121 (no SM90, no Jetson)
 
 
-@dataclass
-class Profile:
-    """min / opt / max of one input: a shape for tensors, the value for the `budget` shape input."""
-
-    name: str
-    min: list[int]
-    opt: list[int]
-    max: list[int]
-    shape_input: bool = False
-
-
-@dataclass
-class TensorInfo:
-    """An engine input or output as the parsed network sees it (-1 = a dynamic dimension)."""
-
-    name: str
-    dtype: str  # numpy's name
-    shape: list[int]
-
-
-@dataclass
-class EngineInfo:
-    """What built an engine (written as `<stage>.engine.json`)."""
-
-    stage: str
-    onnx_file: str
-    onnx_sha256: str
-    module: str  # "tensorrt" or "tensorrt_rtx"
-    version: str
-    target: str  # "sm89" (TensorRT-RTX ahead of time) or the GPU the full TensorRT built on
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
-    profiles: list[Profile]
-    workspace_mb: int | None
-    seconds: float
-    gather: str = "native"  # "plugin": the PPM engine holds the TopKGather plugin (register it before loading)
-
-
 _NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
                  "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
-
-
-def make_logger(trt: ModuleType):
-    """A logger that keeps errors for our messages and drops the CUDA-driver noise of GPU-less builds."""
-
-    class Logger(trt.ILogger):
-        def __init__(self):
-            super().__init__()
-            self.errors: list[str] = []
-
-        def log(self, severity, message):
-            if severity <= trt.ILogger.Severity.ERROR and "cudaError 35" not in message:
-                self.errors.append(message)
-
-    return Logger()
 
 
 def network_io(network) -> tuple[list[TensorInfo], list[TensorInfo]]:
@@ -122,18 +74,6 @@ def check_network(manifest: Manifest, stage: str, inputs: list[TensorInfo], outp
             found = [(t.name, t.dtype, t.shape) for t in ours]
             expected = [(t.name, t.dtype, t.shape) for t in theirs]
             raise CovipalError(f"{graph.file}: TensorRT sees {kind}s {found}, the manifest says {expected}")
-
-
-def import_tensorrt(prefer: str | None = None) -> ModuleType:
-    """`tensorrt` where it imports, else `tensorrt_rtx`; `prefer` names one of them."""
-    candidates = [prefer] if prefer else ["tensorrt", "tensorrt_rtx"]
-    for name in candidates:
-        try:
-            return importlib.import_module(name)
-        except (ImportError, OSError):  # the PyPI stub of full TensorRT imports without its libraries
-            continue
-    raise CovipalError(f"no TensorRT module ({' or '.join(candidates)}) can be imported: install full TensorRT "
-                       f"(NVIDIA's index, or JetPack on Jetson) or `pip install tensorrt-rtx`")
 
 
 def dimension_ranges(manifest: Manifest) -> dict[str, tuple[int, int, int]]:
@@ -179,8 +119,7 @@ def build_target(trt: ModuleType, compute_capability: str | None) -> str:
 
     if not torch.cuda.is_available():
         raise CovipalError("full TensorRT builds on a GPU and none is visible; use TensorRT-RTX to build ahead of time")
-    major, minor = torch.cuda.get_device_capability()
-    return f"{torch.cuda.get_device_name()} (sm{major}{minor})"
+    return gpu_target(trt)
 
 
 def build_engine(trt: ModuleType, manifest: Manifest, directory: Path, stage: str, engine_dir: Path, *,
@@ -226,9 +165,9 @@ def build_engine(trt: ModuleType, manifest: Manifest, directory: Path, stage: st
         raise CovipalError(f"TensorRT could not build {onnx_path.name}: {detail}")
     (engine_dir / f"{stage}.engine").write_bytes(bytes(serialized))
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    info = EngineInfo(stage, onnx_path.name, sha256_of(onnx_path), trt.__name__, trt.__version__, target, inputs, outputs, profiles,
-                      workspace_mb, round(time.perf_counter() - start, 2), gather)
-    (engine_dir / f"{stage}.engine.json").write_text(json.dumps(asdict(info), indent=2) + "\n")
+    info = EngineInfo(stage, onnx_path.name, sha256_of(onnx_path), trt.__name__, trt.__version__, target, inputs,
+                      outputs, profiles, workspace_mb, round(time.perf_counter() - start, 2), gather)
+    write_engine_info(info, engine_dir)
     return info
 
 
@@ -248,7 +187,7 @@ def build_engines(directory: str | Path, *, module: str | None = None, gather: s
     check_gather(gather, trt)
     target = build_target(trt, compute_capability)
     timing_cache = directory.resolve().parent / TIMING_CACHE
-    scratch = directory / f".{ENGINE_DIR}.partial"
+    scratch = directory / f".{names.ENGINE_DIR}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
@@ -259,28 +198,6 @@ def build_engines(directory: str | Path, *, module: str | None = None, gather: s
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    shutil.rmtree(directory / ENGINE_DIR, ignore_errors=True)
-    scratch.rename(directory / ENGINE_DIR)
+    shutil.rmtree(directory / names.ENGINE_DIR, ignore_errors=True)
+    scratch.rename(directory / names.ENGINE_DIR)
     return infos
-
-
-def check_engine(info: EngineInfo, trt: ModuleType, target: str, directory: Path) -> None:
-    """Refuse an engine built by another TensorRT or for another GPU, saying how to rebuild it."""
-    rebuild = f"rebuild with `python -m covipal_export.build {directory}`"
-    if (info.module, info.version) != (trt.__name__, trt.__version__):
-        raise CovipalError(f"{info.stage}.engine was built by {info.module} {info.version}, this is "
-                           f"{trt.__name__} {trt.__version__}: {rebuild}")
-    if info.target != target:
-        raise CovipalError(f"{info.stage}.engine was built for {info.target}, this GPU is {target}: {rebuild}")
-
-
-def read_engine_info(directory: Path, stage: str) -> EngineInfo:
-    path = directory / ENGINE_DIR / f"{stage}.engine.json"
-    if not path.is_file():
-        raise CovipalError(f"no TensorRT engine for {stage} in {directory}: build with "
-                           f"`python -m covipal_export.build {directory}`")
-    record = json.loads(path.read_text())
-    record["profiles"] = [Profile(**p) for p in record["profiles"]]
-    record["inputs"] = [TensorInfo(**t) for t in record["inputs"]]
-    record["outputs"] = [TensorInfo(**t) for t in record["outputs"]]
-    return EngineInfo(**record)

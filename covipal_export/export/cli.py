@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from covipal.cli import ArgumentParser, positive_int, quiet_libraries
+from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.models import MODEL_NAMES
 from covipal.pruning import POSITION_POLICIES
 from covipal.strategies import STRATEGY_NAMES
-from covipal_export.build import add_build_arguments
-from covipal_export.exporter import ExportOptions, VerificationFailed, describe, export_model
-from covipal_export.onnx_export import DEFAULT_OPSET, OPSETS
-from covipal_export.trt_build import build_engines, build_target, check_gather, import_tensorrt
+from covipal_export.build.cli import add_build_arguments
+from covipal_export.build.engines import build_engines, build_target, check_gather
+from covipal_export.engine_info import import_tensorrt
+from covipal_export.export.exporter import ExportOptions, VerificationFailed, describe, export_model
+from covipal_export.export.onnx_export import DEFAULT_OPSET, OPSETS
 
 
 def build_parser() -> ArgumentParser:
@@ -38,7 +40,8 @@ def build_parser() -> ArgumentParser:
                         help="decoder layers to keep, with --random-weights (e.g. 2 to export a 7B on a small machine)")
     parser.add_argument("--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET, help="default: %(default)s")
     parser.add_argument("--logits", choices=("last", "all"), default="last",
-                        help="decoder.onnx returns logits for the last position only, or for all (default: %(default)s)")
+                        help="decoder.onnx returns logits for the last position only, or for all "
+                             "(default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace an existing export directory")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="check every graph and a greedy decode against PyTorch before keeping the export "
@@ -49,8 +52,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.trt:  # refuse what cannot be built before exporting, not after
         trt = import_tensorrt(args.module)
         check_gather(args.gather, trt)
@@ -66,7 +69,7 @@ def main() -> int:
     except VerificationFailed as failure:
         print(failure.report.table())
         print(f"error: {failure}; nothing was written (rerun with --no-verify to keep the graphs, then "
-              f"`python -m covipal_export.verify DIR`)", file=sys.stderr)
+              f"`python -m covipal_export.export.verify DIR`)", file=sys.stderr)
         return 1
     print(describe(result))
     if result.report is not None:
@@ -76,3 +79,8 @@ def main() -> int:
                                   workspace_mb=args.workspace_mb, compute_capability=args.compute_capability):
             print(f"  engine {info.stage:8} {info.module} {info.version} for {info.target}: {info.seconds:.1f} s")
     return 0
+
+
+def console() -> NoReturn:
+    """The `covipal-export` command (also `python export.py`)."""
+    run(main)

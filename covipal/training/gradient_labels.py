@@ -1,6 +1,6 @@
 """Answer-gradient teacher: how much the answer's likelihood gains from attending more to each visual token.
 
-The stage-2 loss (covipal.soft_pruning.answer_loss) with every key bias at 0 is the unpruned model;
+The stage-2 loss (covipal.training.soft_pruning.answer_loss) with every key bias at 0 is the unpruned model;
 its gradient with respect to those biases is a first-order, answer-aware importance:
 
     key_bias [B, N] = 0 (requires grad)  ->  answer cross-entropy of the frozen model
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from covipal.models.base import VisionLanguageModel
-from covipal.soft_pruning import answer_loss
+from covipal.training.soft_pruning import answer_loss
 
 
 def answer_gradient_labels(model: VisionLanguageModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

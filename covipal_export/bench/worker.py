@@ -4,15 +4,17 @@ Each backend runs in a separate process so that its host memory (weights, sessio
 own: the peak RSS of a call is the process's high-water mark over that call, reset before it
 (Linux `/proc/self/clear_refs`), so it includes the resident weights and whatever the call adds.
 
-A call, timed stage by stage (milliseconds):
+A call is one `Pipeline.generate` (the runtime users ship) with `ignore_eos=True`, so that every call
+decodes the same count; its stage timings (milliseconds) are the Pipeline's own:
 
     preprocess   tokenizer + chat template + image preprocessing (0 for synthetic prompts)
     vision       encode_images(pixel_values [1, 3, S, S])            -> visual [1, N, D]
     prune        embed + PPM scoring + keep-top-k + splice           -> inputs_embeds [1, L-N+k, D]
     prefill      decoder over the pruned prompt                      -> logits [1, V]
     ttft         all of the above + the first token (from the start of the call)
-    decode       mean of `new_tokens - 1` single-token steps; EOS is ignored so every call decodes the same count
-    ppm_select   PPM scoring + keep-top-k alone, timed again after the call on the same inputs
+    decode       mean of `new_tokens - 1` single-token steps
+    ppm_select   PPM scoring + keep-top-k alone (the backend's selector), timed again on the same inputs; also
+                 at k = N, where the call itself scores nothing, as what the PPM would cost there
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from covipal.errors import CovipalError
+from covipal.models.processing import PromptBatch
 from covipal_export.manifest import Manifest
-from covipal_export.runtime.backend import Backend, OrtBackend
+from covipal_export.runtime.backend import Backend
+from covipal_export.runtime.pipeline import GenerationResult, Pipeline
 
 BACKEND_NAMES = ("torch", "ort", "trt")
 
@@ -66,70 +71,36 @@ def serve(conn: Connection, spec: WorkerSpec) -> None:
 
 class Worker:
     def __init__(self, spec: WorkerSpec):
-        import torch
-
         from covipal.cli import quiet_libraries
-        from covipal_export.runtime.export_dir import open_export
+        from covipal_export.runtime.export_dir import open_export, prompt_processor
+        from covipal_export.runtime.selection import choose_backend
 
         torch.set_num_threads(spec.threads)
         quiet_libraries()
         start = time.perf_counter()
         self.spec, self.directory = spec, Path(spec.directory)
-        self.manifest = open_export(self.directory, check_files=False)  # the parent checked the files
-        self.backend, reason = open_backend(self.directory, self.manifest, spec.backend, spec.threads)
-        self.prompt = PromptSource(self.directory, self.manifest, spec)
+        manifest = open_export(self.directory, check_files=False)  # the parent checked the files
+        backend, reason = choose_backend(self.directory, manifest, spec.backend, spec.threads)
+        self.pipe = Pipeline(self.directory, manifest, prompt_processor(self.directory, manifest), backend, reason)
+        self.prompt = PromptSource(manifest, self.pipe, spec)
+        self.selection_inputs = selection_inputs(backend, self.prompt.batch())  # for timing the selection alone
         self.memory = PeakMemory()
-        self.info = {"backend": self.backend.name, "reason": reason, "load_s": round(time.perf_counter() - start, 1),
+        self.info = {"backend": backend.name, "reason": reason, "load_s": round(time.perf_counter() - start, 1),
                      "rss_mb": round(self.memory.rss_mb(), 1), "peak_mode": self.memory.mode,
                      "prompt_length": self.prompt.length, "text_tokens": self.prompt.length - self.prompt.num_visual}
 
     def measure(self, budget: int) -> dict[str, float]:
         """One timed call at `budget` (see the module docstring)."""
-        backend, spec = self.backend, self.spec
-        policy = spec.position_policy or self.manifest.pruning.position_policy
+        spec, backend = self.spec, self.pipe.backend
         self.memory.reset()
-        start = time.perf_counter()
-        input_ids, attention_mask, pixel_values = self.prompt()  # [1, L], [1, L], [1, 3, S, S]
-        preprocess, mark = _ms(start), time.perf_counter()
-        visual = backend.encode_images(pixel_values)  # [1, N, D]
-        vision, mark = _ms(mark), time.perf_counter()
-        prompt = backend.prune(input_ids, attention_mask, visual, budget, policy)
-        prune, mark = _ms(mark), time.perf_counter()
-        logits = backend.prefill(prompt)  # [1, V]
-        prefill = _ms(mark)
-        token = logits.argmax(-1)  # [1]
-        ttft = _ms(start)
-        mask, position = prompt.attention_mask, prompt.position_ids[:, -1:] + 1  # [1, P], [1, 1]
-        steps = []
-        for _ in range(spec.new_tokens - 1):
-            mark = time.perf_counter()
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)  # [1, P+1]
-            token = backend.step(token, mask, position).argmax(-1)
-            steps.append(_ms(mark))
-            position = position + 1
+        result = self.prompt.generate(budget, spec.new_tokens, spec.position_policy)
         peak = self.memory.peak_mb()
-        return {"preprocess_ms": preprocess, "vision_ms": vision, "prune_ms": prune, "prefill_ms": prefill,
-                "ttft_ms": ttft, "decode_ms_per_token": float(np.mean(steps)) if steps else 0.0,
-                "ppm_select_ms": time_selection(backend, input_ids, attention_mask, visual, budget),
-                "peak_mem_mb": peak, "device_mem_mb": device_memory_mb() if _on_gpu(backend) else None,
-                "tokens_kept": int(prompt.kept_index.shape[1]), "prefill_length": int(prompt.inputs_embeds.shape[1])}
-
-
-def open_backend(directory: Path, manifest: Manifest, name: str, threads: int) -> tuple[Backend, str]:
-    """torch: the PyTorch reference (eager); ort: ONNX Runtime (CUDA when a probe gets it) with `threads`;
-    trt: whatever the runtime's selection gives, or its one-line error."""
-    from covipal_export.runtime.selection import CUDA, choose_backend, ort_cuda_missing
-
-    if name == "torch":
-        from covipal_export.runtime.torch_backend import TorchBackend
-
-        return TorchBackend(manifest), "PyTorch eager, the covipal reference"
-    if name == "ort":
-        no_cuda = ort_cuda_missing(directory, manifest)
-        if no_cuda is None:
-            return OrtBackend(directory, manifest, CUDA, threads=threads), "ONNX Runtime on CUDA"
-        return OrtBackend(directory, manifest, threads=threads), f"ONNX Runtime on CPU ({no_cuda})"
-    return choose_backend(directory, manifest, name)
+        timings = result.timings_ms
+        return {"preprocess_ms": timings.preprocess, "vision_ms": timings.vision, "prune_ms": timings.prune,
+                "prefill_ms": timings.prefill, "ttft_ms": timings.ttft, "decode_ms_per_token": timings.decode_per_token,
+                "ppm_select_ms": time_selection(backend, *self.selection_inputs, budget),
+                "peak_mem_mb": peak, "device_mem_mb": device_memory_mb() if backend.device != "cpu" else None,
+                "tokens_kept": result.tokens_kept, "prefill_length": result.prefill_length}
 
 
 class PromptSource:
@@ -137,18 +108,15 @@ class PromptSource:
     export without them (random-weight LLaVA without a cached tokenizer), a seeded synthetic prompt of the
     LLaVA-1.5 layout [BOS, 4 prefix ids, N image tokens, text_tokens - 5 suffix ids] and seeded pixels."""
 
-    def __init__(self, directory: Path, manifest: Manifest, spec: WorkerSpec):
+    def __init__(self, manifest: Manifest, pipe: Pipeline, spec: WorkerSpec):
         from covipal.models.processing import load_image
-        from covipal_export.runtime.export_dir import prompt_processor
 
         model = manifest.model
-        self.num_visual = model.num_visual_tokens
-        self.processor = None
-        if manifest.tokenizer is not None and manifest.preprocessing is not None:
-            self.processor = prompt_processor(directory, manifest)
-            self.image = load_image(spec.image)
-            self.question = spec.question
-            self.length = int(self.processor([self.image], [self.question]).input_ids.shape[1])
+        self.pipe, self.num_visual = pipe, model.num_visual_tokens
+        self.synthetic: PromptBatch | None = None
+        if pipe.has_processor:
+            self.image, self.question = load_image(spec.image), spec.question
+            self.length = int(pipe.processor([self.image], [self.question]).input_ids.shape[1])
             return
         if spec.text_tokens < 6:
             raise CovipalError(f"a synthetic prompt needs at least 6 text tokens, got {spec.text_tokens}")
@@ -159,54 +127,43 @@ class PromptSource:
         text = rng.choice(pool, spec.text_tokens - 1)
         bos = special.bos if special.bos is not None else int(text[0])
         ids = np.concatenate([[bos], text[:4], np.full(self.num_visual, special.image), text[4:]])
-        self.input_ids = ids[None].astype(np.int64)  # [1, L]
-        self.pixel_values = rng.standard_normal((1, 3, model.image_size, model.image_size)).astype(np.float32)
-        self.length = self.input_ids.shape[1]
+        pixels = rng.standard_normal((1, 3, model.image_size, model.image_size)).astype(np.float32)
+        self.synthetic = PromptBatch(torch.from_numpy(ids[None]).long(), torch.ones(1, len(ids), dtype=torch.long),
+                                     torch.from_numpy(pixels))
+        self.length = len(ids)
 
-    def __call__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch(self) -> PromptBatch:
         """input_ids [1, L], attention_mask [1, L], pixel_values [1, 3, S, S]."""
-        if self.processor is None:
-            return self.input_ids, np.ones_like(self.input_ids), self.pixel_values
-        batch = self.processor([self.image], [self.question])
-        return batch.input_ids.numpy(), batch.attention_mask.numpy(), batch.pixel_values.numpy()
+        return self.synthetic or self.pipe.processor([self.image], [self.question])
+
+    def generate(self, budget: int, new_tokens: int, position_policy: str | None) -> GenerationResult:
+        """One call through the Pipeline, decoding exactly `new_tokens` (EOS ignored)."""
+        options = dict(budget=budget, max_new_tokens=new_tokens, position_policy=position_policy, ignore_eos=True)
+        if self.synthetic is not None:
+            return self.pipe.generate_from_batch(self.synthetic, **options)
+        return self.pipe.generate(self.image, self.question, **options)
 
 
-def time_selection(backend: Backend, input_ids: np.ndarray, attention_mask: np.ndarray, visual: np.ndarray,
-                   budget: int) -> float | None:
-    """Milliseconds of PPM scoring + keep-top-k (+ gather of the kept tokens in the pruning graph) alone;
-    None for a backend whose pruning stage cannot be run on its own here.
+def selection_inputs(backend: Backend, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the selector reads for this prompt: visual tokens [1, N, D], text_embeds [1, T, D], text_mask [1, T]."""
+    from covipal.pruning import text_for_scoring
 
-    ONNX Runtime and TensorRT run the graphs through an `OrtChain` (`backend.chain`); torch runs the strategy.
-    """
-    from covipal_export.ort_chain import OrtChain
+    with torch.inference_mode():
+        visual = backend.encode_images(batch.pixel_values)
+        embeds = backend.embed_prompt(batch.input_ids)
+        text_embeds, text_mask = text_for_scoring(embeds, batch.input_ids, batch.attention_mask,
+                                                  backend.manifest.model.image_token_id)
+    return visual, text_embeds, text_mask
 
-    chain = getattr(backend, "chain", None)
-    if isinstance(chain, OrtChain):
-        from covipal_export.ort_chain import text_for_scoring
 
-        image_id = chain.manifest.model.image_token_id
-        embeds = chain.embed(np.where(input_ids == image_id, 0, input_ids))  # [1, L, D]
-        text_embeds, text_mask = text_for_scoring(embeds, input_ids, attention_mask, image_id)  # [1, T, D], [1, T]
+def time_selection(backend: Backend, visual: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+                   budget: int) -> float:
+    """Milliseconds of PPM scoring + keep-top-k (+ the gather of the kept tokens in the pruning graph) alone, by
+    the backend's selector (the pruning graph or engine; the reference strategy for torch)."""
+    with torch.inference_mode():
         mark = time.perf_counter()
-        chain.prune(visual, text_embeds, text_mask, budget)
+        backend.selector.select(visual, text_embeds, text_mask, budget)
         return _ms(mark)
-    from covipal_export.runtime.torch_backend import TorchBackend
-
-    if isinstance(backend, TorchBackend):
-        import torch
-
-        from covipal.pruning import text_for_scoring
-        from covipal.selection import keep_topk_in_order
-
-        model, ids = backend.model, torch.from_numpy(input_ids)
-        with torch.inference_mode():
-            text_embeds, text_mask = text_for_scoring(model.embed_prompt(ids), ids, torch.from_numpy(attention_mask),
-                                                      model.image_token_id)
-            tokens = torch.from_numpy(visual)
-            mark = time.perf_counter()
-            keep_topk_in_order(backend.strategy.scores(tokens, text_embeds, text_mask, budget), budget)
-            return _ms(mark)
-    return None
 
 
 class PeakMemory:
@@ -237,11 +194,6 @@ def _status_kib(field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise CovipalError(f"/proc/self/status has no {field}")
-
-
-def _on_gpu(backend: Backend) -> bool:
-    """ONNX Runtime on CUDA, or TensorRT (`tensorrt`, `tensorrt-rtx`: always a GPU)."""
-    return getattr(backend, "device", "cpu") != "cpu" or backend.name.startswith("tensorrt")
 
 
 class _NvmlMemory(ctypes.Structure):

@@ -19,8 +19,14 @@ import onnx_graphsurgeon as gs
 
 from covipal.errors import CovipalError
 from covipal_export import names
-from covipal_export.plugin.spec import (BUDGET_INPUT, DOMAIN, DOMAIN_VERSION, OP_TYPE, SHAPE_INPUTS_ATTRIBUTE,
-                                        TopKGatherFields)
+from covipal_export.plugin.spec import (
+    BUDGET_INPUT,
+    DOMAIN,
+    DOMAIN_VERSION,
+    OP_TYPE,
+    SHAPE_INPUTS_ATTRIBUTE,
+    TopKGatherFields,
+)
 
 PLUGIN_SUFFIX = ".plugin.onnx"  # ppm.onnx -> ppm.plugin.onnx
 

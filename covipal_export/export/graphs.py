@@ -27,7 +27,7 @@ from torch.export import Dim
 
 from covipal.errors import CovipalError
 from covipal.models import VisionLanguageModel
-from covipal.selection import gather_tokens
+from covipal.selection import gather_tokens, keep_topk_traceable
 from covipal.strategies import Strategy
 from covipal_export import names
 from covipal_export.manifest import ShapeRanges
@@ -90,24 +90,19 @@ class EmbedGraph(nn.Module):
 class PruneGraph(nn.Module):
     """Score the visual tokens and keep the top `budget` in their original order.
 
-    The budget is a runtime input, clamped to [1, N] (the runtime rejects budget < 1 before). ONNX TopK
-    returns the largest scores with ties toward the lower index, then an ascending sort restores the
-    raster order: exactly `covipal.selection.keep_topk_in_order`, which verify.py checks.
+    The budget is a runtime input, clamped to [1, N] by `covipal.selection.keep_topk_traceable` (the
+    runtime refuses other budgets before it feeds one): keep-top-k in order, as
+    `covipal.selection.keep_topk_in_order`, which verify.py checks on every export.
     """
 
-    def __init__(self, strategy: Strategy, num_visual_tokens: int):
+    def __init__(self, strategy: Strategy):
         super().__init__()
         self.strategy = strategy
-        self.num_visual_tokens = num_visual_tokens
 
     def forward(self, visual_tokens: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
                 budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scores = self.strategy.scores(visual_tokens, text_embeds, text_mask, budget)  # [B, N] float32
-        k = budget.clamp(1, self.num_visual_tokens).item()
-        torch._check(k >= 1)
-        torch._check(k <= self.num_visual_tokens)
-        top = torch.topk(scores, k, dim=-1).indices  # [B, k], best first
-        kept_index = torch.sort(top, dim=-1).values  # [B, k] ascending
+        kept_index = keep_topk_traceable(scores, budget)  # [B, k] ascending
         return gather_tokens(visual_tokens, kept_index), kept_index, scores  # [B, k, D], [B, k], [B, N]
 
 
@@ -147,7 +142,7 @@ def graph_specs(model: VisionLanguageModel, strategy: Strategy, ranges: ShapeRan
     embed = OnnxSpec(names.EMBED, EmbedGraph(model), (torch.randint(0, model.text_config.vocab_size, (B, S)),),
                      *names.graph_io(names.EMBED, num_layers), ({0: batch, 1: sequence},))
     prune = OnnxSpec(
-        names.PRUNE, PruneGraph(strategy, ranges.visual_tokens),
+        names.PRUNE, PruneGraph(strategy),
         (torch.randn(B, ranges.visual_tokens, hidden, dtype=dtype), torch.randn(B, T, hidden, dtype=dtype),
          torch.ones(B, T, dtype=torch.long), torch.tensor(budget, dtype=torch.long)),
         *names.graph_io(names.PRUNE, num_layers),

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from covipal.data.easy_vqa import VQAExample
 from covipal.errors import CovipalError
+from covipal.training.data.easy_vqa import VQAExample
 
 IMAGE_PLACEHOLDER = "<image>"
 

@@ -1,11 +1,13 @@
-"""`python -m covipal_export.build DIR`: TensorRT engines for an exported directory (export on x86, build on the device)."""
+"""`python -m covipal_export.build DIR`: TensorRT engines for an export directory (export on x86, build on the
+device)."""
 
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 from covipal.cli import ArgumentParser, positive_int, run
-from covipal_export.trt_build import build_engines
+from covipal_export.build.engines import build_engines
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +25,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TensorRT package to build with (default: tensorrt where it imports, else tensorrt_rtx)")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m covipal_export.build", description=__doc__)
     parser.add_argument("directory", help="an export directory (with manifest.json) made by export.py")
     add_build_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     infos = build_engines(args.directory, module=args.module, gather=args.gather, workspace_mb=args.workspace_mb,
                           compute_capability=args.compute_capability)
     for info in infos:
@@ -36,5 +38,6 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> NoReturn:
+    """The `covipal-build` command."""
     run(main)

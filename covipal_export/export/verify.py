@@ -6,12 +6,13 @@
     embed       text_embeds                    same input ids
     prune       scores, kept_index, kept_tokens at several budgets, same visual and text inputs
     decoder     logits and present KV for a prefill (past 0) and one decode step, same pruned prompt
-    chain       greedy tokens through vision -> ppm -> decoder with KV (ort_chain) vs
-                covipal.generation.generate_from_batch, for both position policies
+    chain       greedy tokens of the shipped `Pipeline` on ONNX Runtime (vision -> ppm -> decoder with KV) vs
+                covipal.generation.generate_from_batch, for both position policies: one decode loop on both sides
     polygraphy  `polygraphy run <graph> --onnxrt` on the same inputs (when polygraphy is installed)
 
 fp32 must match (kept indices and tokens exactly, values within 1e-4 of the reference's scale);
-fp16 differences are reported, not failed on. `python -m covipal_export.verify DIR` runs it alone.
+fp16 differences are reported, not failed on. `python -m covipal_export.export.verify DIR` (`covipal-verify DIR`)
+runs it alone.
 """
 
 from __future__ import annotations
@@ -22,21 +23,23 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
-from covipal.generation import SamplingConfig, generate_from_batch
+from covipal.generation import SamplingConfig, generate_from_batch, pad_token_id
 from covipal.models import PromptBatch, VisionLanguageModel
 from covipal.pruning import POSITION_POLICIES, prune_prompt, text_for_scoring
 from covipal.selection import keep_topk_in_order
 from covipal.strategies import Strategy
 from covipal_export import names
 from covipal_export.manifest import Manifest, file_problems, load_manifest
-from covipal_export.ort_chain import OrtChain
-from covipal_export.reference import reference_from_manifest
 from covipal_export.runtime.export_dir import prompt_processor
+from covipal_export.runtime.ort_backend import OrtBackend
+from covipal_export.runtime.pipeline import Pipeline
+from covipal_export.runtime.reference import reference_from_manifest
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # max |diff| <= tolerance * max(1, max |reference|)
 SAMPLE_QUESTIONS = ["What is on the table?", "How many people are in the picture? Answer with one word.",
@@ -83,7 +86,7 @@ def sample_batch(model: VisionLanguageModel, batch_size: int, seed: int = 0) -> 
         questions = [SAMPLE_QUESTIONS[i % len(SAMPLE_QUESTIONS)] for i in range(batch_size)]
         return model.processor(images, questions)
     config, n = model.text_config, model.num_visual_tokens  # no tokenizer: random text ids around the image
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    pad = pad_token_id(model)
     rows = [rng.integers(0, config.vocab_size, 4 + 3 * i).tolist() for i in range(batch_size)]
     rows = [[t if t != model.image_token_id else pad for t in row] for row in rows]
     rows = [row[:2] + [model.image_token_id] * n + row[2:] for row in rows]
@@ -99,8 +102,8 @@ class Verifier:
     """Runs the checks for one export directory; `feeds` keeps each graph's inputs for polygraphy."""
 
     def __init__(self, directory: Path, model: VisionLanguageModel, strategy: Strategy):
-        self.chain = OrtChain(directory)
-        self.manifest: Manifest = self.chain.manifest
+        self.manifest: Manifest = load_manifest(directory)
+        self.backend = OrtBackend(directory, self.manifest)  # the runtime's own backend, on the CPU
         self.model, self.strategy = model, strategy
         self.report = Report(Path(directory), self.manifest.model.dtype)
         self.tolerance = TOLERANCE[self.manifest.model.dtype]
@@ -141,7 +144,7 @@ class Verifier:
 
     def run_graph(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.feeds.setdefault(stage, feeds)
-        return self.chain.run(stage, feeds)
+        return {name: value.numpy() for name, value in self.backend.run(stage, feeds).items()}
 
     @torch.no_grad()
     def check_stages(self, batch: PromptBatch) -> None:
@@ -159,8 +162,9 @@ class Verifier:
         for k in sorted({1, budget, model.num_visual_tokens}):
             scores = self.strategy.scores(visual, text_embeds, text_mask, k)  # [B, N]
             kept_index = keep_topk_in_order(scores, k)  # [B, k]
-            out = self.run_graph(names.PRUNE, {names.VISUAL_TOKENS: visual.numpy(), names.TEXT_EMBEDS: text_embeds.numpy(),
-                                               names.TEXT_MASK: text_mask.numpy(), names.BUDGET: np.array(k)})
+            feeds = {names.VISUAL_TOKENS: visual.numpy(), names.TEXT_EMBEDS: text_embeds.numpy(),
+                     names.TEXT_MASK: text_mask.numpy(), names.BUDGET: np.array(k)}
+            out = self.run_graph(names.PRUNE, feeds)
             self.equal(names.PRUNE, f"kept_index, budget {k}", out[names.KEPT_INDEX], kept_index.numpy())
             if k == budget:
                 self.compare(names.PRUNE, names.SCORES, out[names.SCORES], scores)
@@ -177,7 +181,7 @@ class Verifier:
         cache = model.new_cache()
         mask, position = prompt.attention_mask, prompt.position_ids
         inputs = prompt.inputs_embeds
-        past = self.chain.empty_cache(inputs.shape[0])
+        past = self.backend.empty_cache(inputs.shape[0])
         for step in ("prefill", "decode step"):
             logits = model.decode(inputs, mask, position, cache, last_only=last_only)
             feeds = {names.INPUTS_EMBEDS: inputs.numpy(), names.ATTENTION_MASK: mask.numpy(),
@@ -198,11 +202,13 @@ class Verifier:
     def check_chain(self, batch: PromptBatch, new_tokens: int) -> None:
         sampling = SamplingConfig(new_tokens)
         budget = self.manifest.pruning.default_budget
+        directory = self.report.directory
+        pipe = Pipeline(directory, self.manifest, prompt_processor(directory, self.manifest), self.backend,
+                        "export verification: ONNX Runtime on the CPU")
         for policy in POSITION_POLICIES:
             expected = generate_from_batch(self.model, batch, strategy=self.strategy, budget=budget,
                                            position_policy=policy, sampling=sampling)
-            out = self.chain.generate(batch.input_ids.numpy(), batch.attention_mask.numpy(), batch.pixel_values.numpy(),
-                                      budget=budget, position_policy=policy, max_new_tokens=new_tokens)
+            out = pipe.generate_from_batch(batch, budget=budget, position_policy=policy, max_new_tokens=new_tokens)
             self.equal("chain", f"kept_index, {policy}", out.kept_index, expected.kept_index.numpy())
             want, got = expected.sequences.numpy(), out.sequences
             same = want.shape == got.shape and bool((want == got).all())
@@ -220,7 +226,8 @@ class Verifier:
         images = [(rng.random((40, 60, 3)) * 255).astype(np.uint8) for _ in range(batch_size)]
         questions = SAMPLE_QUESTIONS[:batch_size]
         mine, theirs = processor(images, questions), self.model.processor(images, questions)
-        same = all(torch.equal(getattr(mine, f), getattr(theirs, f)) for f in ("input_ids", "attention_mask", "pixel_values"))
+        fields = ("input_ids", "attention_mask", "pixel_values")
+        same = all(torch.equal(getattr(mine, f), getattr(theirs, f)) for f in fields)
         self.add("tokenizer", "prompt ids and pixel values from the directory", "equal" if same else "differ", same)
 
     def check_polygraphy(self) -> None:
@@ -277,16 +284,18 @@ def _polygraphy() -> str | None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m covipal_export.verify", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m covipal_export.export.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="an export directory (with manifest.json)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="prompts per sample batch (default: %(default)s)")
-    parser.add_argument("--new-tokens", type=positive_int, default=16, help="greedy tokens compared (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=2,
+                        help="prompts per sample batch (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=positive_int, default=16,
+                        help="greedy tokens compared (default: %(default)s)")
     parser.add_argument("--no-polygraphy", action="store_true", help="skip `polygraphy run --onnxrt`")
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_libraries()
     report = verify_export(args.directory, batch_size=args.batch_size, new_tokens=args.new_tokens,
                            polygraphy=not args.no_polygraphy)
@@ -294,5 +303,10 @@ def main() -> int:
     return 0 if report.passed else 1
 
 
-if __name__ == "__main__":
+def console() -> NoReturn:
+    """The `covipal-verify` command."""
     run(main)
+
+
+if __name__ == "__main__":
+    console()

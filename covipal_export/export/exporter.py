@@ -26,19 +26,31 @@ import transformers
 from tqdm import tqdm
 
 import covipal_export
+from covipal.budget import ALL, Budget, check_budget, resolve_budget
 from covipal.errors import CovipalError
-from covipal.generation import eos_token_ids
+from covipal.generation import eos_token_ids, pad_token_id
 from covipal.models import VisionLanguageModel
 from covipal.pruning import POSITION_POLICIES
 from covipal_export import names
-from covipal_export.graphs import graph_specs, kv_cache_shape, shape_ranges
-from covipal_export.manifest import (FORMAT_VERSION, DecoderSpec, GraphSpec, Manifest, ModelSpec, PruningSpec,
-                                     ShapeRanges, SpecialTokens, TokenizerSpec, Versions, describe_files, save_manifest)
-from covipal_export.onnx_export import DEFAULT_OPSET, EXPORTER, OPSETS, export_graph
-from covipal_export.reference import DTYPES, check_strategy, choose_pruning, load_reference_model
-from covipal_export.verify import Report, verify_export
-
-DEFAULT_ROOT = Path("engines")
+from covipal_export.export.graphs import graph_specs, kv_cache_shape, shape_ranges
+from covipal_export.export.onnx_export import DEFAULT_OPSET, EXPORTER, OPSETS, export_graph
+from covipal_export.export.pruning_choice import check_strategy, choose_pruning
+from covipal_export.export.verify import Report, verify_export
+from covipal_export.manifest import (
+    FORMAT_VERSION,
+    DecoderSpec,
+    GraphSpec,
+    Manifest,
+    ModelSpec,
+    PruningSpec,
+    ShapeRanges,
+    SpecialTokens,
+    TokenizerSpec,
+    Versions,
+    describe_files,
+    save_manifest,
+)
+from covipal_export.runtime.reference import DTYPES, load_reference_model
 
 
 @dataclass
@@ -46,8 +58,8 @@ class ExportOptions:
     """What to export; checked on creation (one-line CovipalErrors)."""
 
     model: str
-    budget: int
-    out: Path | None = None  # default: engines/<model>-b<budget>
+    budget: Budget  # the manifest's default budget; "all" exports with N
+    out: Path | None = None  # default: engines/<model>-b<budget> (names.DEFAULT_ROOT)
     dtype: Literal["fp32", "fp16"] = "fp32"
     strategy: str | None = None  # None: the PPM if there is one, else text-sim (see reference.py)
     ppm: Path | None = None  # a trained PPM checkpoint directory
@@ -63,17 +75,18 @@ class ExportOptions:
     verify: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget <= 0:
-            raise CovipalError(f"budget must be a positive integer, got {self.budget!r}")
+        self.budget = check_budget(self.budget)  # checked against N once the model is loaded
         choices = {"dtype": (self.dtype, tuple(DTYPES)), "opset": (self.opset, OPSETS),
-                   "position_policy": (self.position_policy, POSITION_POLICIES), "logits": (self.logits, ("last", "all"))}
+                   "position_policy": (self.position_policy, POSITION_POLICIES),
+                   "logits": (self.logits, ("last", "all"))}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise CovipalError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
         if self.layers is not None and not self.random_weights:
             raise CovipalError("--layers needs --random-weights (pretrained weights keep all their layers)")
         check_strategy(self.strategy, self.ppm)
-        self.out = Path(self.out) if self.out is not None else DEFAULT_ROOT / f"{self.model}-b{self.budget}"
+        name = f"{self.model}-{ALL}" if self.budget == ALL else f"{self.model}-b{self.budget}"
+        self.out = Path(self.out) if self.out is not None else names.DEFAULT_ROOT / name
 
 
 @dataclass
@@ -101,16 +114,14 @@ def export_model(options: ExportOptions) -> ExportResult:
             model = load_reference_model(options.model, dtype=options.dtype, path=options.model_path,
                                          random_weights=options.random_weights, num_layers=options.layers,
                                          seed=options.seed)
-            if options.budget > model.num_visual_tokens:
-                raise CovipalError(f"budget {options.budget} is larger than the {model.num_visual_tokens} visual tokens "
-                                   f"of {options.model}")
-            strategy, pruning = choose_pruning(model, options.strategy, options.ppm, options.budget,
+            budget = resolve_budget(options.budget, model.num_visual_tokens, options.model)
+            strategy, pruning = choose_pruning(model, options.strategy, options.ppm, budget,
                                                options.position_policy, options.seed)
             ranges = shape_ranges(model, options.max_batch)
         scratch = make_scratch(parent, options.out)
         try:
             graphs = {}
-            for spec in graph_specs(model, strategy, ranges, options.budget, options.logits == "last"):
+            for spec in graph_specs(model, strategy, ranges, budget, options.logits == "last"):
                 with _step(bar, seconds, f"export {names.GRAPH_FILES[spec.stage]}"):
                     graphs[spec.stage] = export_graph(spec, scratch, options.opset)
             with _step(bar, seconds, "manifest"):
@@ -237,8 +248,7 @@ def special_tokens(model: VisionLanguageModel) -> SpecialTokens:
     """The ids generation uses: EOS as covipal's generate sees it, pad as it fills finished rows."""
     config = model.text_config
     bos = model.processor.tokenizer.bos_token_id if model.processor else config.bos_token_id
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
-    return SpecialTokens(image=model.image_token_id, bos=bos, eos=eos_token_ids(model), pad=pad)
+    return SpecialTokens(image=model.image_token_id, bos=bos, eos=eos_token_ids(model), pad=pad_token_id(model))
 
 
 def describe(result: ExportResult) -> str:

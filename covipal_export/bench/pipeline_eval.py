@@ -1,4 +1,4 @@
-"""`python -m covipal_export.pipeline_eval`: easy-VQA accuracy of an export directory, scored like `covipal.eval`.
+"""`python -m covipal_export.bench.pipeline_eval`: easy-VQA accuracy of an export directory, scored like `covipal.eval`.
 
 The questions are `covipal.eval`'s seeded subset (`--limit N --seed S` picks the same N), and the scoring is the
 same: one prefill per question, the answer is the one of the 13 whose first token has the highest logit at the last
@@ -14,17 +14,18 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from tqdm import tqdm
 
+from covipal.budget import Budget, budget_arg
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
-from covipal.data import easy_vqa
 from covipal.eval import accuracy, answer_first_tokens, predict
-from covipal_export.exporter import DEFAULT_ROOT
-from covipal_export.ort_chain import check_budget
-from covipal_export.reference import reference_from_manifest
-from covipal_export.runtime.cli import find_engine_dir
+from covipal.training.data import easy_vqa
+from covipal_export.names import DEFAULT_ROOT
+from covipal_export.runtime.export_dir import find_engine_dir
 from covipal_export.runtime.pipeline import Pipeline
+from covipal_export.runtime.reference import reference_from_manifest
 from covipal_export.runtime.selection import BACKENDS
 
 
@@ -63,14 +64,14 @@ def pipeline_answers(pipe: Pipeline, examples: list[easy_vqa.VQAExample], answer
     return predicted
 
 
-def compare(pipe: Pipeline, examples: list[easy_vqa.VQAExample], budget: int | None = None,
+def compare(pipe: Pipeline, examples: list[easy_vqa.VQAExample], budget: Budget | None = None,
             batch_size: int | None = None, reference: bool = True) -> Comparison:
     """The pipeline's accuracy and, with `reference`, covipal.eval's on the same questions, strategy, budget and
     batches (batch_size None: the export's largest batch)."""
     answers = easy_vqa.answers()
     pruning = pipe.manifest.pruning
     batch_size = batch_size or pipe.manifest.shapes.max_batch
-    budget = check_budget(pruning.default_budget if budget is None else budget)
+    budget = pipe.resolve_budget(budget)
     ours = pipeline_answers(pipe, examples, answers, budget, batch_size)
     result = Comparison(pipe.backend.name, pruning.strategy, budget, pruning.position_policy, len(examples),
                         accuracy(ours, examples, answers), ours)
@@ -95,11 +96,11 @@ def report(result: Comparison, directory: Path, seed: int) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m covipal_export.pipeline_eval", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m covipal_export.bench.pipeline_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine-dir", type=Path, help=f"export directory (default: the one in {DEFAULT_ROOT}/, "
                                                         f"or the newest when there are several)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="default: %(default)s")
-    parser.add_argument("--budget", type=positive_int, help="visual tokens to keep (default: the manifest's)")
+    parser.add_argument("--budget", type=budget_arg, help="visual tokens to keep, or 'all' (default: the manifest's)")
     parser.add_argument("--limit", type=positive_int, default=200, help="questions (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question subset, as in covipal.eval "
                                                             "(default: %(default)s)")
@@ -111,8 +112,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_libraries()
     directory = args.engine_dir or find_engine_dir()
     pipe = Pipeline.from_dir(directory, backend=args.backend)
@@ -125,5 +126,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> NoReturn:
+    """The `covipal-pipeline-eval` command."""
     run(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -1,4 +1,4 @@
-"""`python -m covipal.train_projector --out DIR`: train mini-llava's projector on easy-VQA train.
+"""`python -m covipal.training.train_projector --out DIR`: train mini-llava's projector on easy-VQA train.
 
 Only the projector learns; EfficientNet-Lite0 and SmolLM2 stay frozen. The frozen vision features
 of every training image are computed once (and cached on disk). Each step runs a batch of
@@ -6,51 +6,47 @@ of every training image are computed once (and cached on disk). Each step runs a
 tokens and `<|im_end|>`. With `--token-dropout P` (default 0.5), a share P of the questions sees
 only a random subset of the visual tokens (the others masked out as keys, positions unchanged), so
 that the frozen language model learns to answer from a pruned image. bf16 autocast on the CPU,
-AdamW, linear warm-up then cosine decay. Deterministic for a seed; `DIR/train_state.pt` (written
-every `--save-every` steps) makes an interrupted run resume where it stopped; the final projector
-is written to DIR with the command.
+AdamW, linear warm-up then cosine decay (covipal.training.schedule). Deterministic for a seed;
+`DIR/train_state.pt` (written every `--save-every` steps) makes an interrupted run resume where it
+stopped; the final projector is written to DIR with the command.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from covipal.cli import ArgumentParser, positive_int, probability, quiet_libraries, run
-from covipal.data import easy_vqa
 from covipal.models.base import VisionLanguageModel
 from covipal.models.mini_llava import MiniLlavaProjector, ProjectorConfig, build_mini_llava
 from covipal.models.processing import load_image
-from covipal.resume import clear_resume_point, load_resume_point, save_resume_point
-
-DEFAULT_CACHE = Path.home() / ".cache" / "covipal"
+from covipal.training.cache import DEFAULT_CACHE, cache_file, load_cached, save_cached
+from covipal.training.data import easy_vqa
+from covipal.training.resume import clear_resume_point, load_resume_point, save_resume_point
+from covipal.training.schedule import learning_rate
 
 
 @torch.no_grad()
-def image_features(model: VisionLanguageModel, paths: list[Path], cache_dir: Path, batch_size: int = 32) -> torch.Tensor:
+def image_features(model: VisionLanguageModel, paths: list[Path], cache_dir: Path,
+                   batch_size: int = 32) -> torch.Tensor:
     """Frozen tower features `[num_images, N, C]` (fp16) for `paths`, cached by the list of paths."""
-    key = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:16]
-    cache = cache_dir / f"effl0-stage5-224-{key}.pt"
-    if cache.is_file():
-        return torch.load(cache, weights_only=True)
+    cache = cache_file(cache_dir, "effl0-stage5-224", map(str, paths))
+    features = load_cached(cache)
+    if features is not None:
+        return features
     preprocess = model.processor.image_preprocessing
     tower = model.vision.vision_tower
     chunks = []
     for start in tqdm(range(0, len(paths), batch_size), desc="vision features", unit="batch"):
         pixels = torch.stack([torch.from_numpy(preprocess(load_image(p))) for p in paths[start : start + batch_size]])
         chunks.append(tower.get_image_features(pixels).half())  # [b, N, C]
-    features = torch.cat(chunks)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(features, cache.with_suffix(".tmp"))
-    cache.with_suffix(".tmp").rename(cache)
-    return features
+    return save_cached(torch.cat(chunks), cache)
 
 
 def encode_examples(model: VisionLanguageModel, examples: list[easy_vqa.VQAExample]) -> list[tuple[list[int], int]]:
@@ -99,22 +95,16 @@ def answer_loss(model: VisionLanguageModel, projector: MiniLlavaProjector, featu
     return F.cross_entropy(logits, input_ids[rows_index, targets_at])
 
 
-def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m covipal.train_projector", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m covipal.training.train_projector", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="directory for the projector checkpoint")
     parser.add_argument("--steps", type=positive_int, default=600, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="questions per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--warmup", type=positive_int, default=20, help="warm-up steps (default: %(default)s)")
     parser.add_argument("--token-dropout", type=probability, default=0.5, metavar="P",
-                        help="share of questions that see only a random subset of the visual tokens (default: %(default)s)")
+                        help="share of questions that see only a random subset of the visual tokens "
+                             "(default: %(default)s)")
     parser.add_argument("--min-keep", type=positive_int, default=16,
                         help="smallest subset size under --token-dropout (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
@@ -124,8 +114,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_libraries()
     torch.manual_seed(args.seed)
     projector = MiniLlavaProjector(ProjectorConfig())
@@ -169,7 +159,8 @@ def main() -> int:
                               order=order, step=step + 1, losses=losses,
                               generator=generator.get_state())
 
-    command = "python -m covipal.train_projector " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    arguments = sys.argv[1:] if argv is None else argv
+    command = "python -m covipal.training.train_projector " + " ".join(shlex.quote(a) for a in arguments)
     projector.save(args.out, metadata={
         "command": command, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "token_dropout": args.token_dropout, "min_keep": args.min_keep,
@@ -182,5 +173,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> NoReturn:
+    """`python -m covipal.training.train_projector`."""
     run(main)
+
+
+if __name__ == "__main__":
+    console()

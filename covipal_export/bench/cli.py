@@ -17,25 +17,26 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NoReturn
 
 from tqdm import tqdm
 
 import covipal
+from covipal.budget import ALL, Budget, parse_budgets, resolve_budget
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.errors import CovipalError
 from covipal.modeling_ppm import WEIGHTS_FILE
 from covipal.models import MODEL_NAMES
 from covipal.strategies import STRATEGY_NAMES
-from covipal_export.bench_report import plot, ratios, ratios_table, records_table, require_matplotlib, summarize
-from covipal_export.bench_worker import BACKEND_NAMES, WorkerSpec, device_name, serve
+from covipal_export.bench.report import plot, ratios, ratios_table, records_table, require_matplotlib, summarize
+from covipal_export.bench.worker import BACKEND_NAMES, WorkerSpec, device_name, serve
+from covipal_export.export.pruning_choice import ppm_checkpoint
 from covipal_export.manifest import Manifest
-from covipal_export.names import MANIFEST_FILE
-from covipal_export.reference import ppm_checkpoint
+from covipal_export.names import DEFAULT_ROOT, MANIFEST_FILE
 
-DEFAULT_WORK_DIR = Path("engines/bench")
+DEFAULT_WORK_DIR = DEFAULT_ROOT / "bench"
 DEFAULT_IMAGE = Path(covipal.__file__).parent / "assets" / "astronaut.jpg"
 DEFAULT_QUESTION = "What is the person in this picture wearing, and what is in the background behind them?"
-FULL = "all"  # the budget label for no pruning
 
 
 def build_parser() -> ArgumentParser:
@@ -43,10 +44,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
                         help=f"registered model: {', '.join(MODEL_NAMES)}")
     parser.add_argument("--budgets", required=True,
-                        help="comma-separated visual-token budgets; 'all' = N (always measured, as the reference)")
+                        help=f"comma-separated visual-token budgets; '{ALL}' = N (always measured, as the reference)")
     parser.add_argument("--backends", required=True, help=f"comma-separated, from: {', '.join(BACKEND_NAMES)}")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the records as JSON to OUT")
-    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="plot the records (needs matplotlib)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                        help="plot the records (needs matplotlib)")
     parser.add_argument("--random-weights", action="store_true", help="the architecture with seeded random weights")
     parser.add_argument("--layers", type=positive_int, default=None,
                         help="decoder layers to build, with --random-weights (stated in the output)")
@@ -74,21 +76,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def parse_budgets(text: str) -> list[int | None]:
-    """Budgets in the given order, without repeats; None stands for 'all'."""
-    budgets: list[int | None] = []
-    for item in (part.strip() for part in text.split(",")):
-        if item == FULL:
-            value = None
-        elif item.isdigit() and int(item) > 0:
-            value = int(item)
-        else:
-            raise CovipalError(f"--budgets takes positive integers and '{FULL}', got {item!r}")
-        if value not in budgets:
-            budgets.append(value)
-    return budgets
-
-
 def parse_backends(text: str) -> list[str]:
     backends = list(dict.fromkeys(part.strip() for part in text.split(",")))
     for name in backends:
@@ -97,12 +84,9 @@ def parse_backends(text: str) -> list[str]:
     return backends
 
 
-def resolve_budgets(budgets: list[int | None], num_visual: int) -> list[int]:
+def resolve_budgets(budgets: list[Budget], num_visual: int) -> list[int]:
     """Descending budgets with N first (the unpruned reference); a budget over N is refused."""
-    too_large = [b for b in budgets if b is not None and b > num_visual]
-    if too_large:
-        raise CovipalError(f"budget {too_large[0]} is larger than the {num_visual} visual tokens of this model")
-    return sorted({num_visual, *(b for b in budgets if b is not None)}, reverse=True)
+    return sorted({num_visual, *(resolve_budget(b, num_visual) for b in budgets)}, reverse=True)
 
 
 def export_name(args) -> str:
@@ -132,7 +116,7 @@ def mismatch(directory: Path, manifest: Manifest, args) -> str | None:
 
 def prepared_export(args) -> tuple[Path, Manifest]:
     """A valid export for the options in --work-dir: reused when its manifest and checksums match, else made."""
-    from covipal_export.exporter import ExportOptions, describe, export_model
+    from covipal_export.export.exporter import ExportOptions, describe, export_model
     from covipal_export.runtime.export_dir import open_export
 
     directory = args.work_dir / export_name(args)
@@ -348,5 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> NoReturn:
+    """The `covipal-bench` command (also `python -m covipal_export.bench`)."""
     run(main)

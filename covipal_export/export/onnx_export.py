@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from covipal_export import names
-from covipal_export.graphs import OnnxSpec
+from covipal_export.export.graphs import OnnxSpec
 from covipal_export.manifest import GraphSpec, TensorSpec
 
 EXPORTER = "torch.onnx.export(dynamo=True)"

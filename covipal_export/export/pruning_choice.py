@@ -1,15 +1,12 @@
-"""The PyTorch side of an export: the model and pruning strategy a directory is made from.
+"""Which pruning an export holds: the strategy to put in ppm.onnx, and its manifest entry.
 
-Export builds them from its options; `verify` rebuilds the same ones from a manifest (random weights
-are reproducible because they are built under a recorded seed).
-
-Strategy choice when exporting:
     --ppm CKPT                 the trained PPM
     a model's bundled PPM      mini-llava's trained PPM (covipal/checkpoints/mini-llava-ppm), unless a
                                training-free --strategy is asked for
     random-weight models       a seeded, randomly initialised PPM (like the model), so the ppm path is exercised
     otherwise                  text-sim, training-free (said in the output and the manifest)
 `knorm` needs decoder internals and `random` draws from PyTorch's generator: neither fits a graph.
+The PPM itself is built by `covipal_export.runtime.reference.build_ppm`, as the torch backend rebuilds it.
 """
 
 from __future__ import annotations
@@ -17,33 +14,19 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from covipal.errors import CovipalError
-from covipal.modeling_ppm import PPMConfig, PruningModule, default_ppm_config
-from covipal.models import VisionLanguageModel, bundled_ppm, load_model
+from covipal.modeling_ppm import default_ppm_config
+from covipal.models import VisionLanguageModel, bundled_ppm
 from covipal.strategies import STRATEGY_NAMES, Strategy, make_strategy
-from covipal_export.manifest import Manifest, PPMSpec, PruningSpec
+from covipal_export.manifest import PPMSpec, PruningSpec
+from covipal_export.runtime.reference import build_ppm
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NOT_EXPORTABLE = {
     "knorm": "needs the decoder's internals (keys at an early layer), which the pruning graph does not have",
     "random": "draws from PyTorch's random generator, which an ONNX graph cannot reproduce",
 }
 EXPORTABLE_STRATEGIES = tuple(name for name in STRATEGY_NAMES if name not in NOT_EXPORTABLE)
 FALLBACK_STRATEGY = "text-sim"
-
-
-def load_reference_model(name: str, *, dtype: str, path: str | Path | None = None, random_weights: bool = False,
-                         num_layers: int | None = None, seed: int = 0) -> VisionLanguageModel:
-    """A registered model in `dtype`, built under `seed` so random weights can be rebuilt exactly."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = load_model(name, path=path, random_weights=random_weights, num_layers=num_layers, dtype=DTYPES[dtype])
-    if num_layers is not None and model.text_config.num_hidden_layers != num_layers:
-        raise CovipalError(f"{name} has a fixed architecture ({model.text_config.num_hidden_layers} decoder layers); "
-                           f"drop --layers")
-    return model
 
 
 def check_strategy(strategy: str | None, ppm: str | Path | None) -> None:
@@ -86,30 +69,3 @@ def choose_pruning(model: VisionLanguageModel, strategy: str | None, ppm: str | 
     module = build_ppm(spec, model)
     spec.config = asdict(module.config)
     return make_strategy("ppm", ppm=module), PruningSpec("ppm", spec, budget, position_policy, note)
-
-
-def build_ppm(spec: PPMSpec, model: VisionLanguageModel) -> PruningModule:
-    """The PPM of a manifest entry, in the model's dtype, checked against the model's visual tokens."""
-    if spec.checkpoint is not None:
-        ppm = PruningModule.load(spec.checkpoint)
-    else:
-        with torch.random.fork_rng():
-            torch.manual_seed(spec.seed)
-            ppm = PruningModule(PPMConfig(**spec.config))
-    expected = (model.num_visual_tokens, model.hidden_size)
-    if (ppm.config.num_visual_tokens, ppm.config.hidden_size) != expected:
-        raise CovipalError(f"the PPM scores [B, {ppm.config.num_visual_tokens}, {ppm.config.hidden_size}] visual "
-                           f"tokens but {model.info.name} makes [B, {expected[0]}, {expected[1]}]")
-    return ppm.to(model.embed_tokens.weight.dtype).eval()
-
-
-def reference_from_manifest(manifest: Manifest) -> tuple[VisionLanguageModel, Strategy]:
-    """Rebuild the PyTorch model and strategy an export directory was made from."""
-    spec = manifest.model
-    layers = manifest.decoder.num_layers if spec.random_weights else None
-    model = load_reference_model(spec.name, dtype=spec.dtype, path=spec.path, random_weights=spec.random_weights,
-                                 num_layers=layers, seed=spec.seed)
-    pruning = manifest.pruning
-    if pruning.ppm is None:
-        return model, make_strategy(pruning.strategy)
-    return model, make_strategy("ppm", ppm=build_ppm(pruning.ppm, model))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from covipal.budget import ALL
 from covipal.models.base import VisionLanguageModel
 from covipal.pruning import image_span, prune_prompt
 
@@ -61,7 +62,7 @@ def answer_loss(model: VisionLanguageModel, input_ids: torch.Tensor, attention_m
     tokens of row b are its answer.
     """
     full = prune_prompt(model.embed_prompt(input_ids), input_ids, attention_mask, visual_tokens,
-                        model.image_token_id, None, None)
+                        model.image_token_id, None, ALL)
     start = image_span(input_ids, model.image_token_id, model.num_visual_tokens)  # [B]
     mask = soft_pruning_mask(attention_mask, start, key_bias, full.inputs_embeds.dtype)  # [B, 1, L, L]
     hidden = model.language_model(inputs_embeds=full.inputs_embeds, attention_mask=mask,
