@@ -106,6 +106,27 @@ class DecoderSpec:
 
 
 @dataclass
+class QuantizationSpec:
+    """How decoder.onnx's weights were quantized (weight-only; activations stay in the model dtype)."""
+
+    bits: int  # 4 or 8
+    block_size: int  # group size along each weight's input dimension
+    method: str  # "rtn": round to nearest
+    symmetric: bool  # no zero points (TensorRT's dequantize takes none)
+    accuracy_level: int  # MatMulNBits' compute type in ONNX Runtime (4: int8 activations inside the kernel)
+    layers: str  # which MatMuls, in words
+    quantized_matmuls: list[str]  # the MatMul nodes of the export-dtype graph that were quantized
+    lm_head: bool
+    calibration: dict[str, str | int] | None  # data and count, for calibrated methods
+    library: str  # the quantizer, with its version
+    trt_file: str  # the TensorRT form: the same weights as DequantizeLinear -> MatMul (decoder.qdq.onnx)
+
+    def summary(self) -> str:
+        """"int4 rtn, block 32" (", LM head too" when it is quantized)."""
+        return f"int{self.bits} {self.method}, block {self.block_size}" + (", LM head too" if self.lm_head else "")
+
+
+@dataclass
 class TokenizerSpec:
     directory: str  # the tokenizer files (transformers' save_pretrained layout), relative to the manifest
     chat_template: str  # Jinja, rendered with messages=[{"role": "user", "content": [image, text]}]
@@ -152,9 +173,16 @@ class Manifest:
     special_tokens: SpecialTokens
     versions: Versions
     files: dict[str, FileEntry]  # every file of the directory but the manifest, by relative path
+    quantization: QuantizationSpec | None = None  # None: the decoder's weights are in the model dtype
 
     def graph_path(self, directory: Path, stage: str) -> Path:
         return Path(directory) / self.graphs[stage].file
+
+    def trt_graph_file(self, stage: str) -> str:
+        """The graph TensorRT builds for `stage`: the QDQ form of a quantized decoder, else the graph itself."""
+        if stage == names.DECODER and self.quantization is not None:
+            return self.quantization.trt_file
+        return self.graphs[stage].file
 
 
 def sha256_of(path: Path) -> str:

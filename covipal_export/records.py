@@ -2,7 +2,8 @@
 
     write_record(record, path)     indented JSON that keeps short values (a tensor spec, a shape) on one line
     read_record(cls, path)         parse and check against `cls`'s annotations: an unknown, a missing or a
-                                   mistyped key is a CovipalError naming the key and the file (one line)
+                                   mistyped key is a CovipalError naming the key and the file (one line); a
+                                   field with a default may be absent (files written before it existed)
     from_json(cls, data, path)     the same check on data already parsed
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import types
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -47,14 +48,14 @@ def from_json(cls: type[T], data: Any, path: Path, key: str = "") -> T:
     if not isinstance(data, dict):
         raise CovipalError(f"{path}: {key!r} must be an object" if key else f"{path} must hold a JSON object")
     hints = get_type_hints(cls)
-    expected = [f.name for f in fields(cls)]
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
     for name in data:
         if name not in hints:
             raise CovipalError(f"{path}: unknown key {_join(key, name)!r}")
-    for name in expected:
+    for name in required:
         if name not in data:
             raise CovipalError(f"{path}: missing key {_join(key, name)!r}")
-    return cls(**{name: _convert(hints[name], data[name], _join(key, name), path) for name in expected})
+    return cls(**{name: _convert(hints[name], value, _join(key, name), path) for name, value in data.items()})
 
 
 def _to_json(value: Any, indent: str = "") -> str:

@@ -42,6 +42,7 @@ def report(work_dir):
 def test_records_have_every_field_per_backend_and_budget(report, work_dir):
     records = report["records"]
     assert [(r["backend"], r["budget"]) for r in records] == [("torch", 64), ("torch", 8), ("ort", 64), ("ort", 8)]
+    assert {r["variant"] for r in records} == {"fp32"} and records[2]["decoder_mb"] < records[2]["model_mb"]
     for r in records:
         for name, kind in RECORD_FIELDS.items():
             assert isinstance(r[name], kind), (name, r[name])
@@ -50,7 +51,7 @@ def test_records_have_every_field_per_backend_and_budget(report, work_dir):
         assert r["ttft_ms"] >= r["vision_ms"] + r["prune_ms"] + r["prefill_ms"]
         assert r["range"]["prefill_ms"][0] <= r["prefill_ms"] <= r["range"]["prefill_ms"][1]
         # ort runs on CUDA where onnxruntime-gpu gets a GPU
-        on_gpu = report["workers"][r["backend"]]["backend"] == "onnxruntime-cuda"
+        on_gpu = report["workers"][f"{r['backend']} fp32"]["backend"] == "onnxruntime-cuda"
         assert r["peak_mem_mb"] > 50 and (r["device_mem_mb"] > 0 if on_gpu else r["device_mem_mb"] is None)
     text = report["model"]["text_tokens"]
     assert {r["prefill_length"] for r in records} == {NUM_VISUAL + text, 8 + text}
@@ -87,6 +88,9 @@ def test_an_unavailable_backend_is_a_skipped_row(report):
     (("--budgets", "8,x", "--backends", "ort"), "--budgets takes positive integers and 'all', got 'x'"),
     (("--budgets", "8", "--backends", "ort,onnx"), "unknown backend 'onnx' in --backends"),
     (("--budgets", "8", "--backends", "ort", "--layers", "2"), "--layers needs --random-weights"),
+    (("--budgets", "8", "--backends", "ort", "--variants", "fp32,int3"),
+     "unknown variant 'int3' in --variants; choose from: fp32, int8, int4"),
+    (("--budgets", "8", "--backends", "ort", "--variants", "fp16,int4"), "unknown variant 'fp16' in --variants"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, args, message):
     code, out, err = bench(capsys, "--model", "tiny-random-llava", *args)
@@ -111,3 +115,31 @@ def test_plot_without_matplotlib_is_one_line_exit_2(capsys, monkeypatch, tmp_pat
     assert code == 2 and err.strip().splitlines() == [
         "error: --plot needs matplotlib: pip install 'covipal-export[tools]' (or matplotlib)"]
     assert not any(tmp_path.iterdir())  # refused before exporting anything
+
+
+def test_variants_run_side_by_side_on_quantized_copies(capsys, report, work_dir):
+    out = work_dir / "variants.json"
+    args = ("--model", "tiny-random-llava", "--budgets", "8", "--backends", "torch,ort", "--variants", "fp32,int4",
+            "--work-dir", str(work_dir), "--no-verify", "--repeats", "1", "--warmup", "0", "--new-tokens", "3",
+            "--threads", "1", "--json", str(out))
+    code, table, err = bench(capsys, *args)
+    assert code == 0, err
+    assert "quantizing a copy of" in err and "decoder weights: fp32; int4 rtn, block 32" in table
+    variants = json.loads(out.read_text())
+    records = {(r["backend"], r["variant"], r["budget"]): r for r in variants["records"]}
+    assert set(records) == {("torch", "fp32", 64), ("torch", "fp32", 8), ("ort", "fp32", 64), ("ort", "fp32", 8),
+                            ("ort", "int4", 64), ("ort", "int4", 8)}
+    skipped = variants["skipped"]  # the PyTorch reference has no int4 decoder
+    assert [(s["backend"], s["variant"]) for s in skipped] == [("torch", "int4")]
+    assert "--backend torch rebuilds the PyTorch model" in skipped[0]["reason"]
+    fp32, int4 = records[("ort", "fp32", 8)], records[("ort", "int4", 8)]
+    assert int4["decoder_mb"] < fp32["decoder_mb"]  # tiny: the fp32 LM head is most of it
+    rows = {(r["backend"], r["variant"], r["budget"]): r for r in variants["ratios"]}
+    assert rows[("ort", "int4", 8)]["decode_vs_base"] == fp32["decode_ms_per_token"] / int4["decode_ms_per_token"]
+    assert rows[("ort", "int4", 8)]["decoder_size_vs_base"] == int4["decoder_mb"] / fp32["decoder_mb"]
+    assert rows[("ort", "int4", 8)]["prefill_vs_torch"] is None and rows[("ort", "fp32", 8)]["decode_vs_base"] is None
+    quantized = work_dir / (json.loads((work_dir / "bench.json").read_text())["model"]["export_dir"].split("/")[-1]
+                            + "-int4")
+    assert (quantized / "decoder.qdq.onnx").is_file() and not list(work_dir.glob("*.partial"))
+    code, _, err = bench(capsys, *args)  # the quantized copy is reused
+    assert code == 0 and "reusing the int4 export in" in err

@@ -1,9 +1,11 @@
-"""`python -m covipal_export.bench`: latency and memory per (backend, budget) of one export, measured interleaved.
+"""`python -m covipal_export.bench`: latency and memory per (backend, weights, budget), measured interleaved.
 
-    export (or reuse) DIR in --work-dir -> one worker process per backend -> warm-up + repeats rounds, each
-    round one call per (budget, backend), alternating the order -> medians [min-max] -> ratios -> tables, JSON, plot
+    export (or reuse) DIR in --work-dir -> a quantized copy of it per int8/int4 variant (DIR-int4, ...)
+      -> one worker process per (backend, variant) -> warm-up + repeats rounds, each round one call per
+      (budget, backend, variant), alternating the order -> medians [min-max] -> ratios -> tables, JSON, plot
 
-The budget N (no pruning) is always measured: it is the reference of the pruned/unpruned ratios.
+The budget N (no pruning) is always measured: it is the reference of the pruned/unpruned ratios; the first
+variant is the reference of the quantized/unquantized ones.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -30,9 +33,11 @@ from covipal.models import MODEL_NAMES
 from covipal.strategies import STRATEGY_NAMES
 from covipal_export.bench.report import plot, ratios, ratios_table, records_table, require_matplotlib, summarize
 from covipal_export.bench.worker import BACKEND_NAMES, WorkerSpec, device_name, serve
+from covipal_export.engine_info import engine_path
 from covipal_export.export.pruning_choice import ppm_checkpoint
+from covipal_export.export.quantize import DEFAULT_BLOCK, QUANT_BITS, QuantOptions
 from covipal_export.manifest import Manifest
-from covipal_export.names import DEFAULT_ROOT, MANIFEST_FILE
+from covipal_export.names import DECODER, DEFAULT_ROOT, MANIFEST_FILE, STAGES
 
 DEFAULT_WORK_DIR = DEFAULT_ROOT / "bench"
 DEFAULT_IMAGE = Path(covipal.__file__).parent / "assets" / "astronaut.jpg"
@@ -46,6 +51,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--budgets", required=True,
                         help=f"comma-separated visual-token budgets; '{ALL}' = N (always measured, as the reference)")
     parser.add_argument("--backends", required=True, help=f"comma-separated, from: {', '.join(BACKEND_NAMES)}")
+    parser.add_argument("--variants", default=None, metavar="LIST",
+                        help="comma-separated decoder weights measured side by side: the export's --dtype and int8, "
+                             "int4 (a copy of the export with export.py's --quant, RTN, block "
+                             f"{DEFAULT_BLOCK}); default: --dtype alone")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the records as JSON to OUT")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                         help="plot the records (needs matplotlib)")
@@ -82,6 +91,24 @@ def parse_backends(text: str) -> list[str]:
         if name not in BACKEND_NAMES:
             raise CovipalError(f"unknown backend {name!r} in --backends; choose from: {', '.join(BACKEND_NAMES)}")
     return backends
+
+
+def parse_variants(text: str | None, dtype: str) -> list[str]:
+    """The decoder weights to measure, in order: the export dtype (unquantized) and/or int8, int4."""
+    if text is None:
+        return [dtype]
+    variants = list(dict.fromkeys(part.strip() for part in text.split(",")))
+    allowed = [dtype, *(q for q in QUANT_BITS if q != "none")]
+    for name in variants:
+        if name not in allowed:
+            raise CovipalError(f"unknown variant {name!r} in --variants; choose from: {', '.join(allowed)} "
+                               f"(the unquantized variant is the export's --dtype)")
+    return variants
+
+
+def lane(backend: str, variant: str) -> str:
+    """The name of one measured (backend, variant) pair: "ort int4"."""
+    return f"{backend} {variant}"
 
 
 def resolve_budgets(budgets: list[Budget], num_visual: int) -> list[int]:
@@ -138,48 +165,83 @@ def prepared_export(args) -> tuple[Path, Manifest]:
     return directory, result.manifest
 
 
-class Workers:
-    """One process per backend (spawned: no forked torch state), driven one request at a time."""
+def quantized_variant(base: Path, variant: str) -> tuple[Path, Manifest]:
+    """`base` with its decoder quantized as `variant` (int8, int4) in `base`-`variant`: reused when its manifest
+    says so and is newer than the base's, else copied from `base` and quantized (a temp dir renamed at the end)."""
+    from covipal_export.export.quantize import quantize_export
+    from covipal_export.manifest import load_manifest
+    from covipal_export.runtime.export_dir import open_export
 
-    def __init__(self, specs: list[WorkerSpec]):
+    options = QuantOptions(variant)
+    directory = base.with_name(f"{base.name}-{variant}")
+    if directory.exists():
+        try:
+            manifest = open_export(directory)
+            quantization = manifest.quantization
+            fresh = (quantization is not None and (quantization.bits, quantization.block_size, quantization.method)
+                     == (options.bits, options.block, "rtn") and (directory / MANIFEST_FILE).stat().st_mtime
+                     >= (base / MANIFEST_FILE).stat().st_mtime)
+        except CovipalError:
+            fresh = False
+        if fresh:
+            print(f"reusing the {variant} export in {directory}", file=sys.stderr)
+            return directory, manifest
+    print(f"quantizing a copy of {base} to {variant} in {directory}", file=sys.stderr)
+    scratch = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        shutil.copytree(base, scratch)
+        manifest = quantize_export(scratch, load_manifest(scratch), options)
+        shutil.rmtree(directory, ignore_errors=True)
+        scratch.rename(directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return directory, manifest
+
+
+class Workers:
+    """One process per lane (a backend on one variant's export; spawned: no forked torch state), driven one request
+    at a time."""
+
+    def __init__(self, specs: dict[str, WorkerSpec]):
         context = multiprocessing.get_context("spawn")
         self.conns, self.processes, self.info, self.skipped = {}, {}, {}, {}
-        for spec in specs:
+        for name, spec in specs.items():
             parent, child = context.Pipe()
             process = context.Process(target=serve, args=(child, spec), daemon=True)
             process.start()
             child.close()
-            self.conns[spec.backend], self.processes[spec.backend] = parent, process
+            self.conns[name], self.processes[name] = parent, process
         try:
-            for backend in list(self.conns):  # all load at once, then each says ready or why not
+            for name in list(self.conns):  # all load at once, then each says ready or why not
                 try:
-                    self.info[backend] = self._reply(backend)
+                    self.info[name] = self._reply(name)
                 except CovipalError as exc:
-                    self.skipped[backend] = str(exc)
-                    self._stop(backend)
+                    self.skipped[name] = str(exc)
+                    self._stop(name)
         except BaseException:
             self.close()
             raise
 
-    def measure(self, backend: str, budget: int) -> dict:
-        self.conns[backend].send(budget)
-        return self._reply(backend)
+    def measure(self, name: str, budget: int) -> dict:
+        self.conns[name].send(budget)
+        return self._reply(name)
 
-    def _reply(self, backend: str) -> dict:
+    def _reply(self, name: str) -> dict:
         try:
-            kind, payload = self.conns[backend].recv()
+            kind, payload = self.conns[name].recv()
         except EOFError:
-            self.processes[backend].join(5)
-            code = self.processes[backend].exitcode
-            raise RuntimeError(f"the {backend} worker died (exit code {code}; out of memory?)") from None
+            self.processes[name].join(5)
+            code = self.processes[name].exitcode
+            raise RuntimeError(f"the {name} worker died (exit code {code}; out of memory?)") from None
         if kind == "error":
             raise CovipalError(payload)
         if kind == "bug":
-            raise RuntimeError(f"the {backend} worker failed:\n{payload}")
+            raise RuntimeError(f"the {name} worker failed:\n{payload}")
         return payload
 
-    def _stop(self, backend: str) -> None:
-        conn, process = self.conns.pop(backend), self.processes.pop(backend)
+    def _stop(self, name: str) -> None:
+        conn, process = self.conns.pop(name), self.processes.pop(name)
         try:
             conn.send(None)
         except (BrokenPipeError, OSError):
@@ -191,8 +253,8 @@ class Workers:
             process.join()
 
     def close(self) -> None:
-        for backend in list(self.conns):
-            self._stop(backend)
+        for name in list(self.conns):
+            self._stop(name)
 
     def __enter__(self) -> "Workers":
         return self
@@ -201,29 +263,29 @@ class Workers:
         self.close()
 
 
-def measure_all(workers: Workers, backends: list[str], budgets: list[int], warmup: int,
+def measure_all(workers: Workers, lanes: list[str], budgets: list[int], warmup: int,
                 repeats: int) -> dict[tuple[str, int], list[dict]]:
-    """Rounds of one call per (budget, backend), order reversed every other round; warm-up rounds dropped."""
-    order = [(budget, backend) for budget in budgets for backend in backends]
+    """Rounds of one call per (budget, lane), order reversed every other round; warm-up rounds dropped."""
+    order = [(budget, name) for budget in budgets for name in lanes]
     samples: dict[tuple[str, int], list[dict]] = defaultdict(list)
     with tqdm(total=(warmup + repeats) * len(order), unit="call", leave=False, disable=None, file=sys.stderr) as bar:
         for round_ in range(warmup + repeats):
-            for budget, backend in order if round_ % 2 == 0 else order[::-1]:
-                bar.set_description(f"{'warm-up' if round_ < warmup else 'timed'} {backend} k={budget}")
-                sample = workers.measure(backend, budget)
+            for budget, name in order if round_ % 2 == 0 else order[::-1]:
+                bar.set_description(f"{'warm-up' if round_ < warmup else 'timed'} {name} k={budget}")
+                sample = workers.measure(name, budget)
                 if round_ >= warmup:
-                    samples[(backend, budget)].append(sample)
+                    samples[(name, budget)].append(sample)
                 bar.update()
     return samples
 
 
-def model_size_mb(directory: Path, manifest: Manifest, backend: str) -> float | None:
-    """On disk: the ONNX graphs (with external weights) for ort, the engines for trt; None for torch."""
+def model_size_mb(directory: Path, manifest: Manifest, backend: str, stages: tuple[str, ...] = STAGES) -> float | None:
+    """On disk: the ONNX graphs of `stages` (with external weights) for ort, their engines for trt; None for torch."""
     if backend == "ort":
-        files = [f for g in manifest.graphs.values() for f in (g.file, g.external_data) if f]
-        return sum(manifest.files[f].bytes for f in files) / 2**20
+        graphs = [manifest.graphs[stage] for stage in stages]
+        return sum(manifest.files[f].bytes for g in graphs for f in (g.file, g.external_data) if f) / 2**20
     if backend == "trt":
-        engines = list((directory / "trt").glob("*.engine"))
+        engines = [p for p in (engine_path(directory, stage) for stage in stages) if p.is_file()]
         return sum(p.stat().st_size for p in engines) / 2**20 if engines else None
     return None
 
@@ -263,6 +325,11 @@ def model_info(directory: Path, manifest: Manifest, args, prompt_length: int) ->
     return info
 
 
+def quantization_of(manifest: Manifest) -> str:
+    """The decoder weights of an export in words: "fp32" or "int4 rtn, block 32"."""
+    return manifest.quantization.summary() if manifest.quantization else manifest.model.dtype
+
+
 def describe_run(model: dict, machine: dict, settings: dict) -> str:
     layers = model["decoder_layers"]
     reduced = (f" ({layers} of its {model['full_decoder_layers']} decoder layers, --layers {layers})"
@@ -275,6 +342,7 @@ def describe_run(model: dict, machine: dict, settings: dict) -> str:
         f"machine: {machine['cpu']}, {machine['cpu_count']} CPUs, {machine['memory_gib']} GiB, GPU: "
         f"{machine['gpu'] or 'none'}; {settings['threads']} threads; load average at start "
         f"{machine['load_average_start'][0]}",
+        f"decoder weights: {'; '.join(settings['variants'].values())}",
         f"calls: {settings['warmup']} warm-up + {settings['repeats']} timed rounds, interleaved; "
         f"{settings['new_tokens']} new tokens per call; medians [min-max]; peak RSS: each backend's own process, "
         f"{settings['peak_mode']}",
@@ -284,6 +352,7 @@ def describe_run(model: dict, machine: dict, settings: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     requested_budgets, backends = parse_budgets(args.budgets), parse_backends(args.backends)
+    variants = parse_variants(args.variants, args.dtype)
     if args.plot:
         require_matplotlib()
     if args.warmup < 0:
@@ -295,35 +364,43 @@ def main(argv: list[str] | None = None) -> int:
     directory, manifest = prepared_export(args)
     num_visual = manifest.model.num_visual_tokens
     budgets = resolve_budgets(requested_budgets, num_visual)
+    exports = {v: (directory, manifest) if v == args.dtype else quantized_variant(directory, v) for v in variants}
     machine = machine_info(args.threads)
-    specs = [WorkerSpec(str(directory), b, args.threads, str(args.image), args.question, args.text_tokens,
-                        args.new_tokens, None) for b in backends]
+    lanes = {lane(b, v): (b, v) for b in backends for v in variants}
+    specs = {name: WorkerSpec(str(exports[v][0]), b, args.threads, str(args.image), args.question, args.text_tokens,
+                              args.new_tokens, None) for name, (b, v) in lanes.items()}
     with Workers(specs) as workers:
-        for backend, why in workers.skipped.items():
-            print(f"{backend}: skipped: {why}", file=sys.stderr)
-        live = [b for b in backends if b in workers.info]
+        for name, why in workers.skipped.items():
+            print(f"{name}: skipped: {why}", file=sys.stderr)
+        live = [name for name in lanes if name in workers.info]
         if not live:
-            raise CovipalError(f"no backend could run: {'; '.join(f'{b}: {w}' for b, w in workers.skipped.items())}")
+            raise CovipalError(f"no backend could run: {'; '.join(f'{n}: {w}' for n, w in workers.skipped.items())}")
         start = time.perf_counter()
         samples = measure_all(workers, live, budgets, args.warmup, args.repeats)
         seconds = time.perf_counter() - start
     first = workers.info[live[0]]
     settings = {"repeats": args.repeats, "warmup": args.warmup, "new_tokens": args.new_tokens,
                 "threads": args.threads, "peak_mode": first["peak_mode"], "seconds": round(seconds, 1),
+                "variants": {v: quantization_of(exports[v][1]) for v in variants},
                 "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     model = model_info(directory, manifest, args, first["prompt_length"])
-    records = [summarize(samples[(b, k)], b, k, num_visual,
-                         {"runtime": workers.info[b]["backend"], "model_mb": model_size_mb(directory, manifest, b)})
-               for b in live for k in budgets]
-    rows = ratios(records, model["text_tokens"])
+    records = []
+    for name in live:
+        (backend, variant), (where, exported) = lanes[name], exports[lanes[name][1]]
+        extra = {"variant": variant, "runtime": workers.info[name]["backend"],
+                 "model_mb": model_size_mb(where, exported, backend),
+                 "decoder_mb": model_size_mb(where, exported, backend, (DECODER,))}
+        records += [summarize(samples[(name, k)], backend, k, num_visual, extra) for k in budgets]
+    rows = ratios(records, model["text_tokens"], variants[0])
     print(describe_run(model, machine, settings))
     print(f"\n{records_table(records)}\n\n{ratios_table(rows)}")
-    for b in live:
-        print(f"{b}: {workers.info[b]['reason']}; loaded in {workers.info[b]['load_s']} s", file=sys.stderr)
+    for name in live:
+        print(f"{name}: {workers.info[name]['reason']}; loaded in {workers.info[name]['load_s']} s", file=sys.stderr)
     if args.json:
         report = {"machine": machine, "model": model, "settings": settings, "records": records, "ratios": rows,
-                  "skipped": [{"backend": b, "reason": w} for b, w in workers.skipped.items()],
-                  "workers": {b: workers.info[b] for b in live}}
+                  "skipped": [{"backend": lanes[n][0], "variant": lanes[n][1], "reason": w}
+                              for n, w in workers.skipped.items()],
+                  "workers": {name: workers.info[name] for name in live}}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:

@@ -1,12 +1,15 @@
-"""The benchmark's numbers: medians and ranges per (backend, budget), the ratios, markdown tables and the plot.
+"""The benchmark's numbers: medians and ranges per (backend, variant, budget), the ratios, markdown tables, the plot.
 
 Ratios, all computed from the median records (a speedup > 1 means faster):
 
-    prefill_speedup          unpruned prefill / pruned prefill, same backend (unpruned = budget N)
+    prefill_speedup          unpruned prefill / pruned prefill, same backend and variant (unpruned = budget N)
     prefill_speedup_theory   (N + T) / (k + T): the linear layers' share, T = the prompt's non-image tokens
-    ttft_speedup             unpruned TTFT / pruned TTFT, same backend
-    ppm_share                PPM + selection / unpruned prefill, same backend
-    *_vs_torch               PyTorch eager / this backend, same budget (prefill, TTFT, decode per token)
+    ttft_speedup             unpruned TTFT / pruned TTFT, same backend and variant
+    ppm_share                PPM + selection / unpruned prefill, same backend and variant
+    *_vs_torch               PyTorch eager / this backend, same budget (prefill, TTFT, decode per token), both on
+                             the first variant (torch runs the unquantized model only)
+    *_vs_base                the first variant / this one, same backend and budget (prefill, decode per token);
+                             decoder_size_vs_base: this decoder's bytes on disk / the first variant's
 """
 
 from __future__ import annotations
@@ -36,15 +39,17 @@ def summarize(samples: list[dict], backend: str, budget: int, num_visual: int, e
     return record
 
 
-def ratios(records: list[dict], text_tokens: int) -> list[dict]:
+def ratios(records: list[dict], text_tokens: int, base_variant: str) -> list[dict]:
     """One row of ratios per record (see the module docstring); None where the reference row is missing."""
-    by_key = {(r["backend"], r["budget"]): r for r in records}
+    by_key = {(r["backend"], r["variant"], r["budget"]): r for r in records}
     rows = []
     for r in records:
-        full = by_key.get((r["backend"], r["tokens_total"]))
-        torch = by_key.get((REFERENCE, r["budget"])) if r["backend"] != REFERENCE else None
+        full = by_key.get((r["backend"], r["variant"], r["tokens_total"]))
+        torch = (by_key.get((REFERENCE, base_variant, r["budget"]))
+                 if r["backend"] != REFERENCE and r["variant"] == base_variant else None)
+        base = by_key.get((r["backend"], base_variant, r["budget"])) if r["variant"] != base_variant else None
         rows.append({
-            "backend": r["backend"], "budget": r["budget"],
+            "backend": r["backend"], "variant": r["variant"], "budget": r["budget"],
             "prefill_speedup": _div(full and full["prefill_ms"], r["prefill_ms"]),
             "prefill_speedup_theory": (r["tokens_total"] + text_tokens) / (r["tokens_kept"] + text_tokens),
             "ttft_speedup": _div(full and full["ttft_ms"], r["ttft_ms"]),
@@ -52,6 +57,9 @@ def ratios(records: list[dict], text_tokens: int) -> list[dict]:
             "prefill_vs_torch": _div(torch and torch["prefill_ms"], r["prefill_ms"]),
             "ttft_vs_torch": _div(torch and torch["ttft_ms"], r["ttft_ms"]),
             "decode_vs_torch": _div(torch and torch["decode_ms_per_token"], r["decode_ms_per_token"]),
+            "prefill_vs_base": _div(base and base["prefill_ms"], r["prefill_ms"]),
+            "decode_vs_base": _div(base and base["decode_ms_per_token"], r["decode_ms_per_token"]),
+            "decoder_size_vs_base": _div(r["decoder_mb"], base and base["decoder_mb"]),
         })
     return rows
 
@@ -61,15 +69,16 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def records_table(records: list[dict]) -> str:
-    """Markdown: medians with [min-max] per (backend, budget)."""
-    head = ["backend", "budget", "prefill len", "vision ms", "prune ms", "PPM+sel ms", "prefill ms", "TTFT ms",
-            "decode ms/tok", "peak RSS MB", "ONNX/engine MB"]
+    """Markdown: medians with [min-max] per (backend, variant, budget)."""
+    head = ["backend", "weights", "budget", "prefill len", "vision ms", "prune ms", "PPM+sel ms", "prefill ms",
+            "TTFT ms", "decode ms/tok", "peak RSS MB", "ONNX/engine MB", "decoder MB"]
     rows = []
     for r in records:
         cells = [_cell(r, name) for name in ("vision_ms", "prune_ms", "ppm_select_ms", "prefill_ms", "ttft_ms",
                                              "decode_ms_per_token", "peak_mem_mb")]
-        size = "-" if r["model_mb"] is None else f"{r['model_mb']:.0f}"
-        rows.append([r["backend"], f"{r['tokens_kept']}/{r['tokens_total']}", str(r["prefill_length"]), *cells, size])
+        sizes = ["-" if r[name] is None else f"{r[name]:.0f}" for name in ("model_mb", "decoder_mb")]
+        rows.append([r["backend"], r["variant"], f"{r['tokens_kept']}/{r['tokens_total']}", str(r["prefill_length"]),
+                     *cells, *sizes])
     if any(r["device_mem_mb"] is not None for r in records):
         head.append("GPU MB")
         for row, r in zip(rows, records):
@@ -78,14 +87,25 @@ def records_table(records: list[dict]) -> str:
 
 
 def ratios_table(rows: list[dict]) -> str:
-    """Markdown: speedups against the unpruned row and against PyTorch eager."""
-    head = ["backend", "budget", "prefill speedup (theory)", "TTFT speedup", "PPM+sel / unpruned prefill",
+    """Markdown: speedups against the unpruned row, PyTorch eager and (quantized variants) the first variant."""
+    head = ["backend", "weights", "budget", "prefill speedup (theory)", "TTFT speedup", "PPM+sel / unpruned prefill",
             "prefill vs torch", "TTFT vs torch", "decode vs torch"]
-    body = [[r["backend"], str(r["budget"]),
-             f"{_x(r['prefill_speedup'])} ({_x(r['prefill_speedup_theory'])})", _x(r["ttft_speedup"]),
-             "-" if r["ppm_share"] is None else f"{100 * r['ppm_share']:.2f}%",
-             _x(r["prefill_vs_torch"]), _x(r["ttft_vs_torch"]), _x(r["decode_vs_torch"])] for r in rows]
+    variants = any(r["decode_vs_base"] is not None for r in rows)
+    if variants:
+        head += ["prefill vs first weights", "decode vs first weights", "decoder size vs first weights"]
+    body = []
+    for r in rows:
+        body.append([r["backend"], r["variant"], str(r["budget"]),
+                     f"{_x(r['prefill_speedup'])} ({_x(r['prefill_speedup_theory'])})", _x(r["ttft_speedup"]),
+                     "-" if r["ppm_share"] is None else f"{100 * r['ppm_share']:.2f}%",
+                     _x(r["prefill_vs_torch"]), _x(r["ttft_vs_torch"]), _x(r["decode_vs_torch"])])
+        if variants:
+            body[-1] += [_x(r["prefill_vs_base"]), _x(r["decode_vs_base"]), _x(r["decoder_size_vs_base"])]
     return _markdown(head, body)
+
+
+def _lane(record: dict) -> str:
+    return f"{record['backend']} {record['variant']}"
 
 
 def _cell(record: dict, name: str) -> str:
@@ -126,23 +146,23 @@ def plot(records: list[dict], text_tokens: int, title: str, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    backends = list(dict.fromkeys(r["backend"] for r in records))
+    lanes = list(dict.fromkeys(_lane(r) for r in records))
     fig, (ax_prefill, ax_ttft, ax_decode) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for backend in backends:
-        rows = sorted((r for r in records if r["backend"] == backend), key=lambda r: r["tokens_kept"])
+    for lane in lanes:
+        rows = sorted((r for r in records if _lane(r) == lane), key=lambda r: r["tokens_kept"])
         kept = [r["tokens_kept"] for r in rows]
         for ax, name in ((ax_prefill, "prefill_ms"), (ax_decode, "decode_ms_per_token")):
             medians = [r[name] for r in rows]
             errors = [[m - r["range"][name][0] for m, r in zip(medians, rows)],
                       [r["range"][name][1] - m for m, r in zip(medians, rows)]]
-            color = ax.errorbar(kept, medians, yerr=errors, marker="o", capsize=3, label=backend).lines[0].get_color()
+            color = ax.errorbar(kept, medians, yerr=errors, marker="o", capsize=3, label=lane).lines[0].get_color()
         full = next((r for r in rows if r["tokens_kept"] == r["tokens_total"]), None)
         if full is not None:
             theory = [full["prefill_ms"] * (k + text_tokens) / (full["tokens_total"] + text_tokens) for k in kept]
             ax_prefill.plot(kept, theory, linestyle="--", color=color, linewidth=1)
-    bars = [r for b in backends for r in sorted((r for r in records if r["backend"] == b),
+    bars = [r for lane in lanes for r in sorted((r for r in records if _lane(r) == lane),
                                                 key=lambda r: -r["tokens_kept"])]
-    labels = [f"{r['backend']}\nk={r['tokens_kept']}" for r in bars]
+    labels = [f"{_lane(r)}\nk={r['tokens_kept']}" for r in bars]
     bottom = [0.0] * len(bars)
     for name in ("preprocess_ms", "vision_ms", "prune_ms", "prefill_ms"):
         heights = [r[name] or 0.0 for r in bars]

@@ -127,9 +127,10 @@ def build_engine(trt: ModuleType, manifest: Manifest, directory: Path, stage: st
     """Parse one graph, build its engine with the manifest's profile, write engine + metadata to engine_dir.
 
     With gather "plugin", the PPM graph parsed is its TopKGather copy, written to engine_dir beside the engine.
+    A quantized decoder is built from its QDQ form (`Manifest.trt_graph_file`), whose weights are decoder.onnx's.
     """
     start = time.perf_counter()
-    onnx_path = manifest.graph_path(directory, stage)
+    onnx_path = Path(directory) / manifest.trt_graph_file(stage)  # a quantized decoder: its QDQ form
     gather = gather if stage == names.PRUNE else "native"
     parsed = onnx_path
     if gather == "plugin":
@@ -142,7 +143,7 @@ def build_engine(trt: ModuleType, manifest: Manifest, directory: Path, stage: st
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(parsed)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise CovipalError(f"TensorRT cannot parse {parsed.name}: {errors}")
+        raise CovipalError(f"TensorRT cannot parse {parsed.name}: {errors}{_why(manifest, stage, errors)}")
     inputs, outputs = network_io(network)
     check_network(manifest, stage, inputs, outputs)
 
@@ -169,6 +170,16 @@ def build_engine(trt: ModuleType, manifest: Manifest, directory: Path, stage: st
                       outputs, profiles, workspace_mb, round(time.perf_counter() - start, 2), gather)
     write_engine_info(info, engine_dir)
     return info
+
+
+def _why(manifest: Manifest, stage: str, errors: str) -> str:
+    """What a known parser refusal means for this export, and what to do instead."""
+    quantization = manifest.quantization
+    if stage == names.DECODER and quantization is not None and "Scale coefficients must all be positive" in errors:
+        return (f" (ONNX Runtime's symmetric int{quantization.bits} grid gives a block a negative scale when its "
+                f"largest magnitude is negative, and a positive scale cannot hold the same integers: export with "
+                f"--quant int4 for TensorRT; this export's {manifest.graphs[stage].file} still runs on ONNX Runtime)")
+    return ""
 
 
 def check_gather(gather: str, trt: ModuleType) -> None:

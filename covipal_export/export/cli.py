@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
+from covipal.errors import CovipalError
 from covipal.models import MODEL_NAMES
 from covipal.pruning import POSITION_POLICIES
 from covipal.strategies import STRATEGY_NAMES
@@ -16,6 +17,7 @@ from covipal_export.build.engines import build_engines, build_target, check_gath
 from covipal_export.engine_info import import_tensorrt
 from covipal_export.export.exporter import ExportOptions, VerificationFailed, describe, export_model
 from covipal_export.export.onnx_export import DEFAULT_OPSET, OPSETS
+from covipal_export.export.quantize import BLOCK_SIZES, DEFAULT_BLOCK, METHODS, QUANT_BITS, QuantOptions
 
 
 def build_parser() -> ArgumentParser:
@@ -46,6 +48,18 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="check every graph and a greedy decode against PyTorch before keeping the export "
                              "(default: on)")
+    quant = parser.add_argument_group("weight-only quantization of the decoder (activations stay in --dtype)")
+    quant.add_argument("--quant", choices=tuple(QUANT_BITS), default="none",
+                       help="int8 or int4 weights for the decoder's linear layers; decoder.onnx gets ONNX Runtime's "
+                            "MatMulNBits, decoder.qdq.onnx the same weights as DequantizeLinear for TensorRT "
+                            "(default: %(default)s)")
+    quant.add_argument("--quant-block", type=int, default=DEFAULT_BLOCK, metavar="B",
+                       help=f"group size along the input dimension: {', '.join(map(str, BLOCK_SIZES))} "
+                            f"(default: %(default)s)")
+    quant.add_argument("--quant-method", choices=METHODS, default=None,
+                       help="rtn: round to nearest on a symmetric grid, one scale a block (default with --quant)")
+    quant.add_argument("--quant-lm-head", action="store_true",
+                       help="quantize the LM head too (default: it stays in --dtype)")
     parser.add_argument("--trt", action="store_true",
                         help="also build TensorRT engines into DIR/trt (tensorrt, else tensorrt_rtx)")
     add_build_arguments(parser)
@@ -54,6 +68,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quantization = QuantOptions(args.quant, args.quant_block, args.quant_method, args.quant_lm_head)
     if args.trt:  # refuse what cannot be built before exporting, not after
         trt = import_tensorrt(args.module)
         check_gather(args.gather, trt)
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, budget=args.budget, out=args.out, dtype=args.dtype, strategy=args.strategy, ppm=args.ppm,
         position_policy=args.position_policy, model_path=args.model_path, random_weights=args.random_weights,
         layers=args.layers, opset=args.opset, logits=args.logits, force=args.force, verify=args.verify,
+        quantization=quantization,
     )
     try:
         result = export_model(options)
@@ -75,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if result.report is not None:
         print(result.report.table())
     if args.trt:
-        for info in build_engines(result.directory, module=args.module, gather=args.gather,
-                                  workspace_mb=args.workspace_mb, compute_capability=args.compute_capability):
+        try:
+            infos = build_engines(result.directory, module=args.module, gather=args.gather,
+                                  workspace_mb=args.workspace_mb, compute_capability=args.compute_capability)
+        except CovipalError as error:
+            raise CovipalError(f"{error} (the export in {result.directory} is complete and runs on ONNX Runtime; "
+                               f"only its engines are missing)") from None
+        for info in infos:
             print(f"  engine {info.stage:8} {info.module} {info.version} for {info.target}: {info.seconds:.1f} s")
     return 0
 

@@ -2,6 +2,7 @@
 
     check options and output -> load model + strategy -> check the budget -> temp dir beside the output
       -> vision.onnx, embed.onnx, ppm.onnx, decoder.onnx -> tokenizer/ -> manifest.json
+      -> quantize the decoder (--quant: decoder.onnx in place + decoder.qdq.onnx, manifest rewritten)
       -> verify (optional) -> rename the temp dir to the output (replacing an old export with --force)
 
 Any failure removes the temp dir, so a failed export leaves nothing half-made behind.
@@ -35,6 +36,7 @@ from covipal_export import names
 from covipal_export.export.graphs import graph_specs, kv_cache_shape, shape_ranges
 from covipal_export.export.onnx_export import DEFAULT_OPSET, EXPORTER, OPSETS, export_graph
 from covipal_export.export.pruning_choice import check_strategy, choose_pruning
+from covipal_export.export.quantize import QuantOptions, quantize_export
 from covipal_export.export.verify import Report, verify_export
 from covipal_export.manifest import (
     FORMAT_VERSION,
@@ -73,6 +75,7 @@ class ExportOptions:
     seed: int = 0  # torch's seed while random weights are built
     force: bool = False  # replace an existing export directory
     verify: bool = True
+    quantization: QuantOptions = field(default_factory=QuantOptions)  # weight-only INT8/INT4 decoder
 
     def __post_init__(self) -> None:
         self.budget = check_budget(self.budget)  # checked against N once the model is loaded
@@ -109,7 +112,9 @@ def export_model(options: ExportOptions) -> ExportResult:
     """Export as `options` say; returns the final directory, its manifest and the time of each step."""
     parent = writable_parent(options.out, options.force)
     seconds: dict[str, float] = {}
-    with tqdm(total=4 + len(names.STAGES), unit="step", leave=False, disable=None, file=sys.stderr) as bar:
+    quantize = options.quantization.bits is not None
+    steps = 4 + len(names.STAGES) + quantize
+    with tqdm(total=steps, unit="step", leave=False, disable=None, file=sys.stderr) as bar:
         with _step(bar, seconds, "load model"):
             model = load_reference_model(options.model, dtype=options.dtype, path=options.model_path,
                                          random_weights=options.random_weights, num_layers=options.layers,
@@ -126,6 +131,9 @@ def export_model(options: ExportOptions) -> ExportResult:
                     graphs[spec.stage] = export_graph(spec, scratch, options.opset)
             with _step(bar, seconds, "manifest"):
                 manifest = write_manifest(scratch, model, options, pruning, ranges, graphs)
+            if quantize:
+                with _step(bar, seconds, f"quantize {options.quantization.quant}"):
+                    manifest = quantize_export(scratch, manifest, options.quantization)
             report = None
             if options.verify:
                 with _step(bar, seconds, "verify"):
@@ -255,14 +263,24 @@ def describe(result: ExportResult) -> str:
     """A few lines for the terminal: where, what, how long."""
     manifest = result.manifest
     total = sum(result.seconds.values())
-    lines = [f"exported {manifest.model.name} ({manifest.model.dtype}, opset {manifest.versions.opset}) to "
+    quantized = manifest.quantization
+    weights = f"{manifest.model.dtype}, decoder {quantized.summary()}" if quantized else manifest.model.dtype
+    lines = [f"exported {manifest.model.name} ({weights}, opset {manifest.versions.opset}) to "
              f"{result.directory} in {total:.1f} s",
              f"  pruning: {manifest.pruning.strategy}, default budget {manifest.pruning.default_budget} of "
              f"{manifest.model.num_visual_tokens}, positions {manifest.pruning.position_policy} "
              f"({manifest.pruning.note})"]
-    sizes = {f"export {g.file}": sum(manifest.files[f].bytes for f in (g.file, g.external_data) if f) / 2**20
+    sizes = {f"export {g.file}": f"{_mib(manifest, g.file, g.external_data):9.1f} MiB"
              for g in manifest.graphs.values()}
+    if quantized:
+        decoder = manifest.graphs[names.DECODER]
+        sizes[f"export {decoder.file}"] = ""  # the file now holds the quantized weights
+        ort_form, trt_form = _mib(manifest, decoder.file, decoder.external_data), _mib(manifest, quantized.trt_file)
+        sizes[f"quantize int{quantized.bits}"] = f"{ort_form:9.1f} MiB (+ {trt_form:.1f} MiB {quantized.trt_file})"
     for step, seconds in result.seconds.items():
-        size = f"{sizes[step]:9.1f} MiB" if step in sizes else ""
-        lines.append(f"  {step:<20} {seconds:6.1f} s  {size}")
+        lines.append(f"  {step:<20} {seconds:6.1f} s  {sizes.get(step, '')}".rstrip())
     return "\n".join(lines)
+
+
+def _mib(manifest: Manifest, *files: str | None) -> float:
+    return sum(manifest.files[f].bytes for f in files if f) / 2**20

@@ -8,10 +8,14 @@
     decoder     logits and present KV for a prefill (past 0) and one decode step, same pruned prompt
     chain       greedy tokens of the shipped `Pipeline` on ONNX Runtime (vision -> ppm -> decoder with KV) vs
                 covipal.generation.generate_from_batch, for both position policies: one decode loop on both sides
+    forms       a quantized decoder: decoder.onnx (MatMulNBits) and decoder.qdq.onnx (for TensorRT) hold the same
+                integers and scales, and give the same logits in ONNX Runtime
     polygraphy  `polygraphy run <graph> --onnxrt` on the same inputs (when polygraphy is installed)
 
 fp32 must match (kept indices and tokens exactly, values within 1e-4 of the reference's scale);
-fp16 differences are reported, not failed on. `python -m covipal_export.export.verify DIR` (`covipal-verify DIR`)
+fp16 differences are reported, not failed on. A quantized decoder is compared with the PyTorch model in
+the export dtype: its logit and token differences are reported, not failed on; NaNs, wrong shapes and
+tokens that do not decode still fail. `python -m covipal_export.export.verify DIR` (`covipal-verify DIR`)
 runs it alone.
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+import onnx
 import torch
 
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
@@ -35,9 +40,10 @@ from covipal.pruning import POSITION_POLICIES, prune_prompt, text_for_scoring
 from covipal.selection import keep_topk_in_order
 from covipal.strategies import Strategy
 from covipal_export import names
+from covipal_export.export.qdq import quantized_weights
 from covipal_export.manifest import Manifest, file_problems, load_manifest
 from covipal_export.runtime.export_dir import prompt_processor
-from covipal_export.runtime.ort_backend import OrtBackend
+from covipal_export.runtime.ort_backend import OrtBackend, new_session
 from covipal_export.runtime.pipeline import Pipeline
 from covipal_export.runtime.reference import reference_from_manifest
 
@@ -59,6 +65,7 @@ class Check:
 class Report:
     directory: Path
     dtype: str
+    quantization: str | None = None  # "int4 rtn, block 32"; None: the decoder is in the export dtype
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -70,6 +77,8 @@ class Report:
         result_width = max(len(check.result) for check in self.checks)
         rule = (f"values within {TOLERANCE['fp32']:g} x scale, indices and tokens exact" if self.dtype == "fp32" else
                 f"differences beyond {TOLERANCE[self.dtype]:g} x scale are reported as 'differs', not failed on")
+        if self.quantization:
+            rule += f"; decoder {self.quantization}: its differences are reported, only broken outputs fail"
         lines = [f"verification of {self.directory} ({self.dtype}; {rule}):"]
         for check in self.checks:
             status = "ok" if check.ok else ("FAIL" if check.required else "differs")
@@ -105,16 +114,18 @@ class Verifier:
         self.manifest: Manifest = load_manifest(directory)
         self.backend = OrtBackend(directory, self.manifest)  # the runtime's own backend, on the CPU
         self.model, self.strategy = model, strategy
-        self.report = Report(Path(directory), self.manifest.model.dtype)
+        quantization = self.manifest.quantization
+        self.report = Report(Path(directory), self.manifest.model.dtype, quantization and quantization.summary())
         self.tolerance = TOLERANCE[self.manifest.model.dtype]
         self.exact = self.manifest.model.dtype == "fp32"  # fp16: differences are reported, not failed on
+        self.decoder_exact = self.exact and quantization is None  # quantized weights: reported, not failed on
         self.feeds: dict[str, dict[str, np.ndarray]] = {}
 
     def add(self, stage: str, what: str, result: str, ok: bool, required: bool = True) -> None:
         self.report.checks.append(Check(stage, what, result, ok, required))
 
     def compare(self, stage: str, what: str, actual: np.ndarray, expected: torch.Tensor,
-                valid: np.ndarray | None = None) -> None:
+                valid: np.ndarray | None = None, exact: bool | None = None) -> None:
         """max |diff| of one output (over `valid` entries); non-finite values and wrong shapes always fail."""
         expected = expected.detach().float().numpy()
         actual = np.asarray(actual, dtype=np.float32)
@@ -129,7 +140,7 @@ class Verifier:
             return
         diff = float(np.abs(actual - expected).max()) if actual.size else 0.0
         ok = diff <= self.tolerance * max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
-        self.add(stage, f"{what} max |diff|", f"{diff:.2e}", ok, required=self.exact)
+        self.add(stage, f"{what} max |diff|", f"{diff:.2e}", ok, required=self.exact if exact is None else exact)
 
     def equal(self, stage: str, what: str, actual: np.ndarray, expected: np.ndarray) -> None:
         actual, expected = np.asarray(actual), np.asarray(expected)
@@ -188,12 +199,13 @@ class Verifier:
                      names.POSITION_IDS: position.numpy(), **dict(zip(names.past_names(num_layers), past))}
             out = self.run_graph(names.DECODER, feeds)
             valid = mask.bool().numpy()[:, -logits.shape[1]:, None]  # left padding's logits are never used
-            self.compare(names.DECODER, f"{step} {names.LOGITS}", out[names.LOGITS], logits, valid=valid)
+            self.compare(names.DECODER, f"{step} {names.LOGITS}", out[names.LOGITS], logits, valid=valid,
+                         exact=self.decoder_exact)
             present = [out[name] for name in names.present_names(num_layers)]
             reference = torch.cat([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
             # [2L, B, Hkv, P+S, Dh]; left-padding positions hold values nothing attends to: not compared
             self.compare(names.DECODER, f"{step} present", np.stack(present), reference,
-                         valid=mask.bool().numpy()[None, :, None, :, None])
+                         valid=mask.bool().numpy()[None, :, None, :, None], exact=self.decoder_exact)
             token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
             inputs, past = model.embed_tokens(token), present
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -213,7 +225,34 @@ class Verifier:
             want, got = expected.sequences.numpy(), out.sequences
             same = want.shape == got.shape and bool((want == got).all())
             result = f"{want.shape[1]} tokens x {want.shape[0]} rows equal" if same else _first_difference(got, want)
-            self.add("chain", f"greedy tokens, batch {want.shape[0]}, {policy}", result, same, required=self.exact)
+            self.add("chain", f"greedy tokens, batch {want.shape[0]}, {policy}", result, same,
+                     required=self.decoder_exact)
+            if not self.decoder_exact:  # the tokens may differ; they must still be tokens
+                vocab = self.manifest.model.vocab_size
+                decodes = bool(((got >= 0) & (got < vocab)).all()) and len(out.answers) in (0, len(got))
+                self.add("chain", f"tokens decode, {policy}", f"ids in [0, {vocab})" if decodes else "ids out of range",
+                         decodes)
+
+    def check_forms(self) -> None:
+        """A quantized decoder's two forms: the same integers and scales, and the same logits in ONNX Runtime."""
+        quantization, directory = self.manifest.quantization, self.report.directory
+        if quantization is None:
+            return
+        ort_form = onnx.load(self.manifest.graph_path(directory, names.DECODER))
+        trt_form = onnx.load(directory / quantization.trt_file)
+        mine, theirs = quantized_weights(ort_form), quantized_weights(trt_form)
+        same = mine.keys() == theirs.keys() and len(mine) == len(quantization.quantized_matmuls) and all(
+            np.array_equal(mine[k].q, theirs[k].q) and np.array_equal(mine[k].scales, theirs[k].scales)
+            and (mine[k].bits, mine[k].block_size) == (theirs[k].bits, theirs[k].block_size) for k in mine)
+        self.add("forms", f"{quantization.trt_file}: the weights and scales of {graph_name(self.manifest)}",
+                 f"{len(mine)} weights identical" if same else "differ", same)
+        feeds = self.feeds[names.DECODER]
+        session = new_session(directory / quantization.trt_file)
+        logits = session.run([names.LOGITS], {spec.name: np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+                                              for spec in self.manifest.graphs[names.DECODER].inputs})[0]
+        reference = torch.from_numpy(self.run_graph(names.DECODER, feeds)[names.LOGITS])
+        self.compare("forms", f"{quantization.trt_file} prefill logits vs {graph_name(self.manifest)}", logits,
+                     reference, exact=True)
 
     def check_tokenizer(self, batch_size: int) -> None:
         """The directory alone (tokenizer files, chat template, preprocessing) rebuilds the prompt tensors."""
@@ -266,9 +305,14 @@ def verify_export(directory: str | Path, model: VisionLanguageModel | None = Non
     batch = sample_batch(model, batch_size)
     verifier.check_stages(batch)
     verifier.check_chain(batch, new_tokens)
+    verifier.check_forms()
     if polygraphy:
         verifier.check_polygraphy()
     return verifier.report
+
+
+def graph_name(manifest: Manifest) -> str:
+    return manifest.graphs[names.DECODER].file
 
 
 def _first_difference(actual: np.ndarray, expected: np.ndarray) -> str:

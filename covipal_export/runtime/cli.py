@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(text, end="", flush=True)
     print()
     result = stream.result
-    print(f"{result.backend} ({result.reason}); {result.tokens_kept}/{result.tokens_total} visual tokens kept; "
-          f"TTFT {result.timings_ms.ttft:.0f} ms; {result.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    weights = f"decoder {result.quantization.summary()}; " if result.quantization else ""
+    print(f"{result.backend} ({result.reason}); {weights}{result.tokens_kept}/{result.tokens_total} visual tokens "
+          f"kept; TTFT {result.timings_ms.ttft:.0f} ms; {result.tokens_per_second:.1f} tokens/s", file=sys.stderr)
     if args.compare_unpruned:
         print(savings(*compare_unpruned(pipe, image, args.question, options)), file=sys.stderr)
     return 0

@@ -26,7 +26,7 @@ from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, decode_loop
 from covipal.models.processing import ImageInput, PromptBatch, PromptProcessor
 from covipal.pruning import PrunedPrompt, check_position_policy
-from covipal_export.manifest import Manifest
+from covipal_export.manifest import Manifest, QuantizationSpec
 from covipal_export.runtime.backend import Backend, KVCache
 from covipal_export.runtime.export_dir import open_export, prompt_processor
 from covipal_export.runtime.selection import choose_backend
@@ -56,6 +56,7 @@ class GenerationResult:
     prefill_length: int  # L - N + k
     timings_ms: Timings
     peak_rss_mb: float  # the process's peak resident memory so far
+    quantization: QuantizationSpec | None = None  # the decoder's weight quantization (the manifest's)
 
     @property
     def answer(self) -> str:
@@ -72,7 +73,8 @@ class GenerationResult:
                 "reason": self.reason, "tokens_kept": self.tokens_kept, "tokens_total": self.tokens_total,
                 "prefill_length": self.prefill_length, "new_tokens": int(self.sequences.shape[1]),
                 "timings_ms": {k: round(v, 3) for k, v in asdict(self.timings_ms).items()},
-                "tokens_per_second": round(self.tokens_per_second, 2), "peak_rss_mb": round(self.peak_rss_mb, 1)}
+                "tokens_per_second": round(self.tokens_per_second, 2), "peak_rss_mb": round(self.peak_rss_mb, 1),
+                "quantization": asdict(self.quantization) if self.quantization else None}
 
 
 class GenerationStream:
@@ -256,7 +258,7 @@ class _Run:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return GenerationResult(answers, sequences, self.kept_index, pipe.backend.name, pipe.reason,
                                 self.kept_index.shape[1], pipe.manifest.model.num_visual_tokens, self.prefill_length,
-                                self.timings, peak)
+                                self.timings, peak, pipe.manifest.quantization)
 
 
 def _ms(since: float) -> float:

@@ -5,7 +5,7 @@
            CPU; `reason` says what it picked and, for TensorRT, what was missing.
     trt    TensorRT, or a one-line error saying exactly what is missing (engines, a GPU, torch CUDA, the module).
     ort    ONNX Runtime, CUDA when usable, else CPU.
-    torch  the PyTorch reference (rebuilds the model from the covipal registry).
+    torch  the PyTorch reference (rebuilds the model from the covipal registry); refused for a quantized decoder.
 
 The provider list is not trusted: onnxruntime-gpu lists CUDA on machines without a GPU, so CUDA is
 probed by creating a session and reading back the providers it actually got.
@@ -83,6 +83,10 @@ def choose_backend(directory: Path, manifest: Manifest, requested: str,
     if requested not in BACKENDS:
         raise CovipalError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
     if requested == "torch":
+        if manifest.quantization is not None:
+            raise CovipalError(f"--backend torch rebuilds the PyTorch model with its {manifest.model.dtype} weights, "
+                               f"not this export's decoder ({manifest.quantization.summary()}); use --backend ort "
+                               f"or trt")
         from covipal_export.runtime.torch_backend import TorchBackend  # torch and the registry only when asked
 
         return TorchBackend(manifest), "requested: the PyTorch reference, rebuilt from the covipal registry"

@@ -49,9 +49,9 @@ class Engine:
         info: EngineInfo = read_engine_info(directory, stage)
         trt = import_tensorrt(info.module)
         check_engine(info, trt, gpu_target(trt), directory)
-        graph = manifest.graphs[stage]
-        if info.onnx_sha256 != manifest.files[graph.file].sha256:
-            raise CovipalError(f"{stage}.engine was built from another {graph.file} than this export's: "
+        built_from = manifest.trt_graph_file(stage)  # a quantized decoder's engine comes from its QDQ form
+        if info.onnx_file != built_from or info.onnx_sha256 != manifest.files[built_from].sha256:
+            raise CovipalError(f"{stage}.engine was built from another {built_from} than this export's: "
                                f"{rebuild_hint(directory)}")
         if info.gather == "plugin":  # a PPM engine built with `--gather plugin` holds the TopKGather plugin
             register_plugin(trt)

