@@ -91,6 +91,7 @@ def test_an_unavailable_backend_is_a_skipped_row(report):
     (("--budgets", "8", "--backends", "ort", "--variants", "fp32,int3"),
      "unknown variant 'int3' in --variants; choose from: fp32, int8, int4"),
     (("--budgets", "8", "--backends", "ort", "--variants", "fp16,int4"), "unknown variant 'fp16' in --variants"),
+    (("--budgets", "8", "--backends", "ort", "--quant-lm-head"), "--quant-lm-head needs an int8 or int4 variant"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, args, message):
     code, out, err = bench(capsys, "--model", "tiny-random-llava", *args)

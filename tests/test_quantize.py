@@ -96,6 +96,20 @@ def test_both_forms_hold_the_same_integers_and_scales(int4_export, tiny_export):
         assert np.all(error[inside] <= np.abs(scale[inside]) / 2 + 1e-6) and np.all(error <= np.abs(scale) + 1e-6), name
 
 
+def test_a_decoder_with_external_weights_comes_back_in_one_file(tiny_export, tmp_path):
+    """A big fp32 decoder has its weights in decoder.onnx.data; its quantized weights fit in one file again."""
+    out = tmp_path / "external"
+    shutil.copytree(tiny_export, out)
+    onnx.save(onnx.load(out / "decoder.onnx"), out / "decoder.onnx", save_as_external_data=True,
+              location="decoder.onnx.data", size_threshold=0)
+    manifest = load_manifest(out)
+    manifest.graphs[names.DECODER].external_data = "decoder.onnx.data"
+    quantized = quantize_export(out, manifest, QuantOptions("int4"))
+    assert quantized.graphs[names.DECODER].external_data is None and not (out / "decoder.onnx.data").exists()
+    assert "decoder.onnx.data" not in load_manifest(out).files
+    assert Pipeline.from_dir(out, backend="ort").generate(IMAGE, "What?", max_new_tokens=2).quantization.bits == 4
+
+
 def test_int4_packing_round_trips():
     q = np.random.default_rng(0).integers(-8, 8, (7, 5)).astype(np.int8)  # odd count: the last byte is half used
     assert np.array_equal(unpack_int4(pack_int4(q), q.shape), q)

@@ -55,6 +55,8 @@ def build_parser() -> ArgumentParser:
                         help="comma-separated decoder weights measured side by side: the export's --dtype and int8, "
                              "int4 (a copy of the export with export.py's --quant, RTN, block "
                              f"{DEFAULT_BLOCK}); default: --dtype alone")
+    parser.add_argument("--quant-lm-head", action="store_true",
+                        help="the int8/int4 variants quantize the LM head too (export.py's --quant-lm-head)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the records as JSON to OUT")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                         help="plot the records (needs matplotlib)")
@@ -165,22 +167,22 @@ def prepared_export(args) -> tuple[Path, Manifest]:
     return directory, result.manifest
 
 
-def quantized_variant(base: Path, variant: str) -> tuple[Path, Manifest]:
-    """`base` with its decoder quantized as `variant` (int8, int4) in `base`-`variant`: reused when its manifest
-    says so and is newer than the base's, else copied from `base` and quantized (a temp dir renamed at the end)."""
+def quantized_variant(base: Path, variant: str, lm_head: bool) -> tuple[Path, Manifest]:
+    """`base` with its decoder quantized as `variant` (int8, int4) in `base`-`variant`[-lm-head]: reused when its
+    manifest says so and is newer than the base's, else copied from `base` and quantized (a temp dir renamed at the
+    end)."""
     from covipal_export.export.quantize import quantize_export
     from covipal_export.manifest import load_manifest
     from covipal_export.runtime.export_dir import open_export
 
-    options = QuantOptions(variant)
-    directory = base.with_name(f"{base.name}-{variant}")
+    options = QuantOptions(variant, lm_head=lm_head)
+    directory = base.with_name(f"{base.name}-{variant}" + ("-lm-head" if lm_head else ""))
     if directory.exists():
         try:
             manifest = open_export(directory)
-            quantization = manifest.quantization
-            fresh = (quantization is not None and (quantization.bits, quantization.block_size, quantization.method)
-                     == (options.bits, options.block, "rtn") and (directory / MANIFEST_FILE).stat().st_mtime
-                     >= (base / MANIFEST_FILE).stat().st_mtime)
+            wanted, q = (options.bits, options.block, "rtn", lm_head), manifest.quantization
+            fresh = (q is not None and (q.bits, q.block_size, q.method, q.lm_head) == wanted
+                     and (directory / MANIFEST_FILE).stat().st_mtime >= (base / MANIFEST_FILE).stat().st_mtime)
         except CovipalError:
             fresh = False
         if fresh:
@@ -357,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         require_matplotlib()
     if args.warmup < 0:
         raise CovipalError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.quant_lm_head and variants == [args.dtype]:
+        raise CovipalError("--quant-lm-head needs an int8 or int4 variant in --variants")
     if args.layers and not args.random_weights:
         raise CovipalError("--layers needs --random-weights (pretrained weights keep all their layers)")
     quiet_libraries()
@@ -364,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     directory, manifest = prepared_export(args)
     num_visual = manifest.model.num_visual_tokens
     budgets = resolve_budgets(requested_budgets, num_visual)
-    exports = {v: (directory, manifest) if v == args.dtype else quantized_variant(directory, v) for v in variants}
+    exports = {v: (directory, manifest) if v == args.dtype else quantized_variant(directory, v, args.quant_lm_head)
+               for v in variants}
     machine = machine_info(args.threads)
     lanes = {lane(b, v): (b, v) for b in backends for v in variants}
     specs = {name: WorkerSpec(str(exports[v][0]), b, args.threads, str(args.image), args.question, args.text_tokens,

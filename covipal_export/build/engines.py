@@ -176,9 +176,11 @@ def _why(manifest: Manifest, stage: str, errors: str) -> str:
     """What a known parser refusal means for this export, and what to do instead."""
     quantization = manifest.quantization
     if stage == names.DECODER and quantization is not None and "Scale coefficients must all be positive" in errors:
-        return (f" (ONNX Runtime's symmetric int{quantization.bits} grid gives a block a negative scale when its "
-                f"largest magnitude is negative, and a positive scale cannot hold the same integers: export with "
-                f"--quant int4 for TensorRT; this export's {manifest.graphs[stage].file} still runs on ONNX Runtime)")
+        low = -(2 ** (quantization.bits - 1))
+        return (f" (ONNX Runtime's symmetric int{quantization.bits} grid maps a block's largest-magnitude weight to "
+                f"{low}, so the block's scale is negative when that weight is positive, and the same integers cannot "
+                f"be had with a positive scale ({-low} is out of range): export with --quant int4 for TensorRT; this "
+                f"export's {manifest.graphs[stage].file} still runs on ONNX Runtime)")
     return ""
 
 

@@ -275,7 +275,9 @@ def describe(result: ExportResult) -> str:
     if quantized:
         decoder = manifest.graphs[names.DECODER]
         sizes[f"export {decoder.file}"] = ""  # the file now holds the quantized weights
-        ort_form, trt_form = _mib(manifest, decoder.file, decoder.external_data), _mib(manifest, quantized.trt_file)
+        trt_data = quantized.trt_file + ".data"  # beside it when the QDQ form passes 2 GB
+        ort_form = _mib(manifest, decoder.file, decoder.external_data)
+        trt_form = _mib(manifest, quantized.trt_file, trt_data if trt_data in manifest.files else None)
         sizes[f"quantize int{quantized.bits}"] = f"{ort_form:9.1f} MiB (+ {trt_form:.1f} MiB {quantized.trt_file})"
     for step, seconds in result.seconds.items():
         lines.append(f"  {step:<20} {seconds:6.1f} s  {sizes.get(step, '')}".rstrip())

@@ -102,9 +102,9 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions) -
     if not quantized:
         raise CovipalError(f"{graph.file} has no MatMul with a constant weight to quantize")
     model = _run_quantizer(model, options, excluded)
-    save_model(model, path)
-    if graph.external_data is None and path.with_name(path.name + ".data").exists():
-        graph = GraphSpec(graph.file, path.name + ".data", graph.inputs, graph.outputs)
+    save_model(model, path)  # one file again when the quantized weights fit in protobuf's 2 GB
+    external = path.name + ".data" if path.with_name(path.name + ".data").exists() else None
+    graph = GraphSpec(graph.file, external, graph.inputs, graph.outputs)
     qdq_file = write_qdq_form(path, path.with_name(path.stem + QDQ_SUFFIX))
     layers = (f"{len(quantized)} of {len(candidates)} MatMuls with constant weights (every linear layer"
               f"{', the LM head included' if options.lm_head else '; not the LM head'})")
