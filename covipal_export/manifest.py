@@ -178,6 +178,10 @@ class Manifest:
     def graph_path(self, directory: Path, stage: str) -> Path:
         return Path(directory) / self.graphs[stage].file
 
+    def decoder_weights(self) -> str:
+        """The decoder's weights in words: the model dtype ("fp32"), or the quantization ("int4 rtn, block 32")."""
+        return self.quantization.summary() if self.quantization else self.model.dtype
+
     def trt_graph_file(self, stage: str) -> str:
         """The graph TensorRT builds for `stage`: the QDQ form of a quantized decoder, else the graph itself."""
         if stage == names.DECODER and self.quantization is not None:

@@ -31,12 +31,20 @@ from covipal.errors import CovipalError
 from covipal.modeling_ppm import WEIGHTS_FILE
 from covipal.models import MODEL_NAMES
 from covipal.strategies import STRATEGY_NAMES
-from covipal_export.bench.report import plot, ratios, ratios_table, records_table, require_matplotlib, summarize
+from covipal_export.bench.report import (
+    lane,
+    plot,
+    ratios,
+    ratios_table,
+    records_table,
+    require_matplotlib,
+    summarize,
+)
 from covipal_export.bench.worker import BACKEND_NAMES, WorkerSpec, device_name, serve
 from covipal_export.engine_info import engine_path
 from covipal_export.export.pruning_choice import ppm_checkpoint
-from covipal_export.export.quantize import DEFAULT_BLOCK, QUANT_BITS, QuantOptions
-from covipal_export.manifest import Manifest
+from covipal_export.export.quantize import DEFAULT_BLOCK, QUANT_BITS, QuantOptions, quantize_export
+from covipal_export.manifest import Manifest, load_manifest
 from covipal_export.names import DECODER, DEFAULT_ROOT, MANIFEST_FILE, STAGES
 
 DEFAULT_WORK_DIR = DEFAULT_ROOT / "bench"
@@ -108,11 +116,6 @@ def parse_variants(text: str | None, dtype: str) -> list[str]:
     return variants
 
 
-def lane(backend: str, variant: str) -> str:
-    """The name of one measured (backend, variant) pair: "ort int4"."""
-    return f"{backend} {variant}"
-
-
 def resolve_budgets(budgets: list[Budget], num_visual: int) -> list[int]:
     """Descending budgets with N first (the unpruned reference); a budget over N is refused."""
     return sorted({num_visual, *(resolve_budget(b, num_visual) for b in budgets)}, reverse=True)
@@ -171,8 +174,6 @@ def quantized_variant(base: Path, variant: str, lm_head: bool) -> tuple[Path, Ma
     """`base` with its decoder quantized as `variant` (int8, int4) in `base`-`variant`[-lm-head]: reused when its
     manifest says so and is newer than the base's, else copied from `base` and quantized (a temp dir renamed at the
     end)."""
-    from covipal_export.export.quantize import quantize_export
-    from covipal_export.manifest import load_manifest
     from covipal_export.runtime.export_dir import open_export
 
     options = QuantOptions(variant, lm_head=lm_head)
@@ -180,8 +181,7 @@ def quantized_variant(base: Path, variant: str, lm_head: bool) -> tuple[Path, Ma
     if directory.exists():
         try:
             manifest = open_export(directory)
-            wanted, q = (options.bits, options.block, "rtn", lm_head), manifest.quantization
-            fresh = (q is not None and (q.bits, q.block_size, q.method, q.lm_head) == wanted
+            fresh = (options.made(manifest.quantization)
                      and (directory / MANIFEST_FILE).stat().st_mtime >= (base / MANIFEST_FILE).stat().st_mtime)
         except CovipalError:
             fresh = False
@@ -327,11 +327,6 @@ def model_info(directory: Path, manifest: Manifest, args, prompt_length: int) ->
     return info
 
 
-def quantization_of(manifest: Manifest) -> str:
-    """The decoder weights of an export in words: "fp32" or "int4 rtn, block 32"."""
-    return manifest.quantization.summary() if manifest.quantization else manifest.model.dtype
-
-
 def describe_run(model: dict, machine: dict, settings: dict) -> str:
     layers = model["decoder_layers"]
     reduced = (f" ({layers} of its {model['full_decoder_layers']} decoder layers, --layers {layers})"
@@ -386,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     first = workers.info[live[0]]
     settings = {"repeats": args.repeats, "warmup": args.warmup, "new_tokens": args.new_tokens,
                 "threads": args.threads, "peak_mode": first["peak_mode"], "seconds": round(seconds, 1),
-                "variants": {v: quantization_of(exports[v][1]) for v in variants},
+                "variants": {v: exports[v][1].decoder_weights() for v in variants},
                 "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     model = model_info(directory, manifest, args, first["prompt_length"])
     records = []

@@ -23,12 +23,6 @@ from covipal_export.runtime.pipeline import Pipeline
 from covipal_export.runtime.selection import BACKENDS
 
 
-def weights_of(pipe: Pipeline) -> str:
-    """"fp32", or the quantization summary ("int4 rtn, block 32")."""
-    quantization = pipe.manifest.quantization
-    return quantization.summary() if quantization else pipe.manifest.model.dtype
-
-
 def evaluate(directories: list[Path], budgets: list, limit: int, seed: int, backend: str,
              batch_size: int | None) -> list[dict]:
     """One row per (export, budget): accuracy and agreement with the first export's answers."""
@@ -41,8 +35,8 @@ def evaluate(directories: list[Path], budgets: list, limit: int, seed: int, back
             answers = result.pipeline_answers
             reference.setdefault(result.budget, answers)
             agree = sum(a == b for a, b in zip(answers, reference[result.budget]))
-            rows.append({"engine_dir": str(directory), "weights": weights_of(pipe), "backend": result.backend,
-                         "strategy": result.strategy, "budget": result.budget, "n": result.n,
+            rows.append({"engine_dir": str(directory), "weights": pipe.manifest.decoder_weights(),
+                         "backend": result.backend, "strategy": result.strategy, "budget": result.budget, "n": result.n,
                          "accuracy": result.pipeline_accuracy, "agreement": agree / result.n, "answers": answers})
     return rows
 

@@ -104,8 +104,13 @@ def ratios_table(rows: list[dict]) -> str:
     return _markdown(head, body)
 
 
+def lane(backend: str, variant: str) -> str:
+    """The name of one measured (backend, variant) pair: "ort int4"."""
+    return f"{backend} {variant}"
+
+
 def _lane(record: dict) -> str:
-    return f"{record['backend']} {record['variant']}"
+    return lane(record["backend"], record["variant"])
 
 
 def _cell(record: dict, name: str) -> str:

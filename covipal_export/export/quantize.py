@@ -64,6 +64,15 @@ class QuantOptions:
     def bits(self) -> int | None:
         return QUANT_BITS[self.quant]
 
+    @property
+    def chosen_method(self) -> str:
+        return self.method or METHODS[0]
+
+    def made(self, spec: QuantizationSpec | None) -> bool:
+        """Whether a manifest's quantization entry is what these options make (bits, block, method, LM head)."""
+        return spec is not None and (spec.bits, spec.block_size, spec.method, spec.lm_head) == (
+            self.bits, self.block, self.chosen_method, self.lm_head)
+
 
 def lm_head_node(model: onnx.ModelProto) -> str | None:
     """The MatMul that writes the logits output (the LM head), or None."""
@@ -108,7 +117,7 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions) -
     qdq_file = write_qdq_form(path, path.with_name(path.stem + QDQ_SUFFIX))
     layers = (f"{len(quantized)} of {len(candidates)} MatMuls with constant weights (every linear layer"
               f"{', the LM head included' if options.lm_head else '; not the LM head'})")
-    spec = QuantizationSpec(bits=options.bits, block_size=options.block, method=options.method or "rtn",
+    spec = QuantizationSpec(bits=options.bits, block_size=options.block, method=options.chosen_method,
                             symmetric=True, accuracy_level=ACCURACY_LEVEL, layers=layers,
                             quantized_matmuls=quantized, lm_head=options.lm_head, calibration=None,
                             library=LIBRARY, trt_file=qdq_file.name)
