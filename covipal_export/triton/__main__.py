@@ -1,0 +1,3 @@
+from covipal_export.triton.cli import console
+
+console()
