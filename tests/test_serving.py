@@ -352,3 +352,24 @@ def test_triton_cli_errors_are_one_line(tiny_export, tmp_path, capsys, monkeypat
             run_cli(lambda: cli.main(argv))
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith(message), lines
+
+
+@requires_mini
+def test_one_batch_of_requests_fails_only_the_bad_one(pipe, vqa):
+    """Rows of several requests with equal options go through one batched generate; a prompt over the context
+    fails its own request, and the rows around it still get the Pipeline's answers."""
+    from covipal_export.serve.request import Limits
+    from covipal_export.triton import handler
+
+    def request(items):
+        return {"IMAGE": np.array([[image.read_bytes()] for image, _, _ in items], dtype=np.object_),
+                "QUESTION": np.array([[question.encode()] for _, question, _ in items], dtype=np.object_)}
+
+    limits = Limits()
+    long = [(vqa[3][0], "why? " * 5000, None)]
+    requests = [handler.read_rows(request(items), limits) for items in (vqa[:2], long, vqa[2:3])]
+    requests.append(CovipalError("a request that failed its checks stays failed"))
+    answers = handler.answer_requests(pipe, requests)
+    assert [a.answer for a in answers[0]] == [vqa[0][2], vqa[1][2]] and [a.answer for a in answers[2]] == [vqa[2][2]]
+    assert isinstance(answers[1], CovipalError) and "the question is too long" in str(answers[1])
+    assert answers[3] is requests[3]
