@@ -373,3 +373,16 @@ def test_one_batch_of_requests_fails_only_the_bad_one(pipe, vqa):
     assert [a.answer for a in answers[0]] == [vqa[0][2], vqa[1][2]] and [a.answer for a in answers[2]] == [vqa[2][2]]
     assert isinstance(answers[1], CovipalError) and "the question is too long" in str(answers[1])
     assert answers[3] is requests[3]
+
+
+def test_serve_cli_errors_are_one_line(tmp_path, capsys):
+    from covipal_export.serve import cli
+
+    for argv, message in [([str(tmp_path / "nowhere")], f"error: engine directory not found: {tmp_path / 'nowhere'}"),
+                          ([str(tmp_path), "--image-root", str(tmp_path / "no")],
+                           f"error: --image-root is not a directory: {tmp_path / 'no'}"),
+                          ([str(tmp_path), "--port", "0"], "error: argument --port: expected a positive integer")]:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(lambda: cli.main(argv))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith(message), lines

@@ -29,7 +29,6 @@ from covipal_export.serve.request import Limits, decode_image
 from covipal_export.triton.local import LocalServer, free_port
 from covipal_export.triton.repository import RepositoryOptions, write_repository
 
-
 LEVELS = (1, 2, 4)
 
 
