@@ -8,7 +8,6 @@ import json
 import queue
 import re
 import shutil
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -340,14 +339,13 @@ def test_triton_model_refuses_an_export_that_changed(tiny_export, tmp_path):
     server.stop()
 
 
-def test_triton_cli_errors_are_one_line(tiny_export, tmp_path, capsys, monkeypatch):
+def test_triton_cli_errors_are_one_line(tiny_export, tmp_path, capsys):
     from covipal_export.triton import cli
 
     for argv, message in [([str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")],
                            f"error: engine directory not found: {tmp_path / 'nowhere'}"),
                           ([str(tiny_export), "--out", str(tmp_path / "r"), "--max-batch", "99"],
                            "error: --max-batch must be in 1..")]:
-        monkeypatch.setattr(sys, "argv", ["triton", *argv])
         with pytest.raises(SystemExit) as exit_:
             run_cli(lambda: cli.main(argv))
         lines = capsys.readouterr().err.strip().splitlines()

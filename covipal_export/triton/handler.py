@@ -20,22 +20,12 @@ from covipal.errors import CovipalError
 from covipal_export.runtime.pipeline import GenerationResult, Pipeline
 from covipal_export.serve.request import Limits, Question, decode_image, make_question
 
-INPUTS = {  # name: (Triton type, numpy dtype), each [batch, 1]
-    "IMAGE": ("TYPE_STRING", np.object_),
-    "QUESTION": ("TYPE_STRING", np.object_),
-    "BUDGET": ("TYPE_INT32", np.int32),
-    "MAX_NEW_TOKENS": ("TYPE_INT32", np.int32),
-    "TEMPERATURE": ("TYPE_FP32", np.float32),
-    "SEED": ("TYPE_INT64", np.int64),
-}
+INPUTS = {"IMAGE": "TYPE_STRING", "QUESTION": "TYPE_STRING", "BUDGET": "TYPE_INT32", "MAX_NEW_TOKENS": "TYPE_INT32",
+          "TEMPERATURE": "TYPE_FP32", "SEED": "TYPE_INT64"}  # name: Triton type; each [batch, 1]
 OPTIONAL = ("BUDGET", "MAX_NEW_TOKENS", "TEMPERATURE", "SEED")
-OUTPUTS = {
-    "ANSWER": ("TYPE_STRING", np.object_),
-    "TOKENS_KEPT": ("TYPE_INT32", np.int32),
-    "TOKENS_TOTAL": ("TYPE_INT32", np.int32),
-    "TIMINGS": ("TYPE_STRING", np.object_),  # JSON: the Pipeline's timings_ms of the batch the row ran in
-}
-STREAM_OUTPUTS = {"TEXT": ("TYPE_STRING", np.object_), **OUTPUTS}  # TEXT: the pieces; the rest in the last response
+OUTPUTS = {"ANSWER": "TYPE_STRING", "TOKENS_KEPT": "TYPE_INT32", "TOKENS_TOTAL": "TYPE_INT32",
+           "TIMINGS": "TYPE_STRING"}  # TIMINGS: JSON, the Pipeline's timings_ms of the batch the row ran in
+STREAM_OUTPUTS = {"TEXT": "TYPE_STRING", **OUTPUTS}  # TEXT: the pieces; the rest come in the last response
 
 
 @dataclass

@@ -88,10 +88,10 @@ def _config(name: str, options: RepositoryOptions, params: dict[str, str], strea
     batched = not stream
     dims = "[ 1 ]"
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {options.max_batch if batched else 0}"]
-    for tensor, (dtype, _) in handler.INPUTS.items():
+    for tensor, dtype in handler.INPUTS.items():
         optional = " optional: true" if tensor in handler.OPTIONAL else ""
         lines.append(f'input {{ name: "{tensor}" data_type: {dtype} dims: {dims}{optional} }}')
-    for tensor, (dtype, _) in (handler.STREAM_OUTPUTS if stream else handler.OUTPUTS).items():
+    for tensor, dtype in (handler.STREAM_OUTPUTS if stream else handler.OUTPUTS).items():
         lines.append(f'output {{ name: "{tensor}" data_type: {dtype} dims: {dims} }}')
     count = options.stream_instances if stream else options.instances
     lines.append(f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]")
