@@ -6,7 +6,8 @@ special token ids) so that the export manifest can describe it and a runtime can
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence, Union
 
@@ -91,6 +92,8 @@ class PromptProcessor:
     num_image_tokens: int  # N: the placeholder is expanded to this many image tokens
     image_preprocessing: ImagePreprocessing
     add_special_tokens: bool = True  # let the tokenizer add BOS (LLaVA); False when the template writes it
+    # one caller at a time in the (Rust) tokenizer: a Pipeline shared by threads shares its processor
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def image_token_id(self) -> int:
@@ -107,7 +110,8 @@ class PromptProcessor:
         """Prompt ids with the single image placeholder expanded to `num_image_tokens` copies."""
         if not isinstance(question, str) or not question.strip():
             raise CovipalError("the question is empty")
-        ids = self.tokenizer(self.render(question), add_special_tokens=self.add_special_tokens)["input_ids"]
+        with self._lock:
+            ids = self.tokenizer(self.render(question), add_special_tokens=self.add_special_tokens)["input_ids"]
         image_id = self.image_token_id
         slots = [i for i, token in enumerate(ids) if token == image_id]
         if len(slots) != 1:
@@ -127,4 +131,5 @@ class PromptProcessor:
         return PromptBatch(input_ids, attention_mask, torch.from_numpy(pixels))
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+        with self._lock:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()

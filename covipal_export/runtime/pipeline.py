@@ -8,6 +8,10 @@
 Stages: preprocessing (tokenizer, chat template, image preprocessing: all from the directory) ->
 vision -> embed -> prune (budget per call) -> splice -> prefill -> decode loop with the KV cache.
 Batches are lists of (image, question) pairs, left-padded like `covipal.models.processing`.
+
+Threads may share one Pipeline: each call keeps its own state (`_Run`: timings, tokens, the KV cache the
+backend returns); ONNX Runtime sessions and the PyTorch model run concurrent calls, TensorRT calls to one
+engine take turns (one execution context each), and the tokenizer takes one caller at a time.
 """
 
 from __future__ import annotations
