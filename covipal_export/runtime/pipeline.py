@@ -6,7 +6,8 @@
     for text in pipe.generate(image, question, stream=True): print(text, end="")
 
 Stages: preprocessing (tokenizer, chat template, image preprocessing: all from the directory) ->
-vision -> embed -> prune (budget per call) -> splice -> prefill -> decode loop with the KV cache.
+vision (once per frame: `vision_cache`) -> embed -> prune (budget per call) -> splice -> prefill -> decode loop
+with the KV cache.
 Batches are lists of (image, question) pairs, left-padded like `covipal.models.processing`.
 
 Threads may share one Pipeline: each call keeps its own state (`_Run`: timings, tokens, the KV cache the
@@ -34,6 +35,7 @@ from covipal_export.manifest import Manifest, QuantizationSpec
 from covipal_export.runtime.backend import Backend, KVCache
 from covipal_export.runtime.export_dir import open_export, prompt_processor
 from covipal_export.runtime.selection import choose_backend
+from covipal_export.runtime.vision_cache import DEFAULT_MB, VisionCache
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Timings:
     prefill: float = 0.0
     ttft: float = 0.0
     decode_per_token: float = 0.0  # mean over the steps after the first token
+    vision_cache_hits: int = 0  # images whose visual tokens came from the Pipeline's vision cache (a count)
+    vision_cache_misses: int = 0  # images the vision encoder ran on (a count)
 
 
 @dataclass
@@ -104,22 +108,24 @@ class Pipeline:
     """One loaded export directory on one backend; `generate` may be called any number of times."""
 
     def __init__(self, directory: Path, manifest: Manifest, processor: PromptProcessor | None, backend: Backend,
-                 reason: str):
+                 reason: str, vision_cache_mb: float = DEFAULT_MB):
         self.directory, self.manifest, self._processor = directory, manifest, processor
         self.backend, self.reason = backend, reason
+        self.vision_cache = VisionCache(vision_cache_mb)
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, backend: str = "auto", check_files: bool = True,
-                 threads: int | None = None) -> "Pipeline":
+                 threads: int | None = None, vision_cache_mb: float = DEFAULT_MB) -> "Pipeline":
         """Open `engine_dir` from its manifest alone (files checked against their sha256) on `backend`.
 
         threads: ONNX Runtime's intra-op threads (None: its default).
+        vision_cache_mb: bound of the visual tokens kept by frame content (0: run the encoder on every call).
         """
         directory = Path(engine_dir)
         manifest = open_export(directory, check_files)
         processor = prompt_processor(directory, manifest)
         chosen, reason = choose_backend(directory, manifest, backend, threads)
-        return cls(directory, manifest, processor, chosen, reason)
+        return cls(directory, manifest, processor, chosen, reason, vision_cache_mb)
 
     @property
     def has_processor(self) -> bool:
@@ -137,18 +143,21 @@ class Pipeline:
     def generate(self, image: ImageInput | Sequence[ImageInput], question: str | Sequence[str], *,
                  max_new_tokens: int = 32, budget: Budget | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, position_policy: str | None = None, stream: bool = False,
-                 ignore_eos: bool = False) -> GenerationResult | GenerationStream:
-        """Answer one question about one image, or lists of both (a batch).
+                 ignore_eos: bool = False, color: str = "rgb") -> GenerationResult | GenerationStream:
+        """Answer one question about one image, or lists of both (a batch: several cameras' frames at once).
 
+        image: a path, encoded bytes, a PIL image, or an [H, W, 3] uint8 array or tensor (`ImageInput`).
         budget: visual tokens to keep, "all" for no pruning, None for the manifest's default.
         ignore_eos: decode all `max_new_tokens` (benchmarks).
+        color: the channel order of raw pixel arrays and tensors, "rgb" or "bgr" (OpenCV frames); a BGR frame
+            passed as "rgb" cannot be detected and is answered with red and blue swapped.
         """
         single = isinstance(question, str)
         images, questions = ([image], [question]) if single else (list(image), list(question))
         if stream and len(questions) != 1:
             raise CovipalError(f"stream=True answers one question at a time, got {len(questions)}")
         run = self._start(max_new_tokens, temperature, top_p, seed, budget, position_policy, ignore_eos)
-        steps = run.tokens(run.prepare(images, questions))  # bad input fails here, before streaming
+        steps = run.tokens(run.prepare(images, questions, color))  # bad input fails here, before streaming
         if stream:
             return GenerationStream((row[0] for row in steps), self.processor, run.result)
         for _ in steps:
@@ -200,8 +209,9 @@ class _Run:
         the call's cache."""
         backend, timings = self.pipe.backend, self.timings
         mark = time.perf_counter()
-        visual = backend.encode_images(batch.pixel_values)  # [B, N, D]
+        visual, counts = self.pipe.vision_cache.encode(batch.pixel_values, backend.encode_images)  # [B, N, D]
         timings.vision, mark = _ms(mark), time.perf_counter()
+        timings.vision_cache_hits, timings.vision_cache_misses = counts.hits, counts.misses
         prompt = backend.prune(batch.input_ids, batch.attention_mask, visual, self.k, self.position_policy)
         timings.prune, mark = _ms(mark), time.perf_counter()
         self.kept_index, self.prefill_length = prompt.kept_index.numpy(), prompt.inputs_embeds.shape[1]
@@ -232,11 +242,11 @@ class _Run:
             yield self.rows
         self.timings.decode_per_token = float(np.mean(step_times)) if step_times else 0.0
 
-    def prepare(self, images: Sequence[ImageInput], questions: Sequence[str]) -> PromptBatch:
+    def prepare(self, images: Sequence[ImageInput], questions: Sequence[str], color: str = "rgb") -> PromptBatch:
         """Prompt ids (left-padded) and pixel values, checked against the export's batch and context sizes."""
         self._check_batch_size(len(questions))
         mark = time.perf_counter()
-        batch = self.pipe.processor(images, questions)
+        batch = self.pipe.processor(images, questions, color)
         self.timings.preprocess = _ms(mark)
         return self.check(batch)
 
