@@ -14,8 +14,14 @@ NEW_TOKENS = 12  # random weights: every call decodes all of them (ignore_eos as
 
 
 @pytest.fixture(scope="module", params=["ort", "torch"])
-def pipe(request, tiny_export: Path) -> Pipeline:
-    return Pipeline.from_dir(tiny_export, backend=request.param, threads=1)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pipe(backend, tiny_export: Path) -> Pipeline:
+    """The vision cache off: every call runs the encoder, so threads run it at the same time."""
+    return Pipeline.from_dir(tiny_export, backend=backend, threads=1, vision_cache_mb=0)
 
 
 def calls(images, questions, count: int) -> list[tuple]:
@@ -54,3 +60,13 @@ def test_threads_share_batches_and_streams(pipe, images, questions):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda f: f(), [batch, stream] * 4))
     assert got == want
+
+
+def test_threads_share_the_vision_cache(backend, pipe, tiny_export, images, questions):
+    """A fresh cache filled by 4 threads at once (hits and misses racing) gives the answers of uncached calls."""
+    cached = Pipeline.from_dir(tiny_export, backend=backend, threads=1)
+    work = calls(images, questions, 40)
+    with ThreadPoolExecutor(4) as pool:
+        shared = list(pool.map(lambda call: answer(cached, call), work))
+    assert shared == [answer(pipe, call) for call in work]
+    assert len(cached.vision_cache) == 3

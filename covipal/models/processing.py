@@ -155,6 +155,23 @@ class PromptProcessor:
         i = slots[0]
         return ids[:i] + [image_id] * self.num_image_tokens + ids[i + 1 :]
 
+    def follow_up(self, question: str) -> list[int]:
+        """Ids that close the assistant's answer and ask `question` next in the same chat (no new image), ending
+        with the assistant's turn: the chat template's text after an assistant message, tokenized on its own."""
+        if not isinstance(question, str) or not question.strip():
+            raise CovipalError("the question is empty")
+        marker = "\x00answer\x00"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": marker}]},
+                    {"role": "user", "content": [{"type": "text", "text": question}]}]
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+        if self.image_token_id in ids:
+            raise CovipalError(f"the question must not contain {self.image_token!r}; the chat has one image")
+        return ids
+
     def __call__(self, images: Sequence[ImageInput], questions: Sequence[str], color: str = "rgb") -> PromptBatch:
         """color: the channel order of raw pixel arrays and tensors (see `load_image`)."""
         if len(images) != len(questions) or not images:

@@ -33,6 +33,7 @@ from covipal.models.processing import ImageInput, PromptBatch, PromptProcessor
 from covipal.pruning import PrunedPrompt, check_position_policy
 from covipal_export.manifest import Manifest, QuantizationSpec
 from covipal_export.runtime.backend import Backend, KVCache
+from covipal_export.runtime.conversation import Conversation
 from covipal_export.runtime.export_dir import open_export, prompt_processor
 from covipal_export.runtime.selection import choose_backend
 from covipal_export.runtime.vision_cache import DEFAULT_MB, VisionCache
@@ -164,6 +165,12 @@ class Pipeline:
             pass
         return run.result()
 
+    def chat(self, image: ImageInput, *, budget: Budget | None = None, color: str = "rgb",
+             position_policy: str | None = None) -> Conversation:
+        """A conversation about `image`: `ask(question)` answers in turn, reusing the KV cache of the image and of
+        the earlier turns (follow-ups keep the first question's visual tokens)."""
+        return Conversation(self, image, budget, color, position_policy)
+
     def generate_from_batch(self, batch: PromptBatch, *, max_new_tokens: int = 32, budget: Budget | None = None,
                             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                             position_policy: str | None = None, ignore_eos: bool = False) -> GenerationResult:
@@ -221,8 +228,14 @@ class _Run:
 
     def tokens(self, batch: PromptBatch) -> Iterator[list[list[int]]]:
         """Yields the tokens so far, per row, after each step (at most max_new_tokens steps)."""
-        backend, special = self.pipe.backend, self.pipe.manifest.special_tokens
         prompt, logits, cache = self.prefill(batch)
+        yield from self.decode(logits, cache, prompt.attention_mask, prompt.position_ids)
+
+    def decode(self, logits: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> Iterator[list[list[int]]]:
+        """The decode loop after a prefill: logits [B, V] of the last position, attention_mask [B, P] and
+        position_ids [B, S] of what the cache holds; every token but the last is fed back into `cache`."""
+        backend, special = self.pipe.backend, self.pipe.manifest.special_tokens
         step_times: list[float] = []
 
         def step(token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -232,8 +245,8 @@ class _Run:
             return logits
 
         self.rows = [[] for _ in range(len(logits))]
-        loop = decode_loop(logits, prompt.attention_mask, prompt.position_ids, step, self.sampling, special.eos,
-                           special.pad, stop_at_eos=self.stop_at_eos)
+        loop = decode_loop(logits, attention_mask, position_ids, step, self.sampling, special.eos, special.pad,
+                           stop_at_eos=self.stop_at_eos)
         for count, token in enumerate(loop):
             for row, value in zip(self.rows, token.tolist()):
                 row.append(value)

@@ -146,9 +146,9 @@ class TrtBackend(GraphBackend):
         cache = KVCache([empty] * len(self.past_names))
         return self._decode(cache, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids), cache
 
-    def step(self, cache: KVCache, token: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor) -> torch.Tensor:
-        embeds = self.run(names.EMBED, {names.INPUT_IDS: token[:, None]})[names.TEXT_EMBEDS]  # [B, 1, D], on the GPU
+    def extend(self, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS]  # [B, S, D], on the GPU
         return self._decode(cache, embeds, attention_mask, position_ids)
 
     def _decode(self, cache: KVCache, inputs_embeds: Feed, attention_mask: torch.Tensor,
