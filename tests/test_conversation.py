@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from covipal.errors import CovipalError
-from covipal.generation import SamplingConfig, decode_loop
+from covipal.generation import SamplingConfig, decode_loop, generate_from_batch
+from covipal.models.processing import PromptBatch
 from covipal.pruning import prune_prompt
 from covipal_export.runtime import Pipeline
 from covipal_export.runtime.reference import reference_from_manifest
@@ -98,3 +99,20 @@ def test_a_full_context_ends_the_chat_in_one_line(pipe, images):
     assert chat.ask("And now?", max_new_tokens=2).answer == chat.turns[-1][1]  # the chat goes on
     with pytest.raises(CovipalError, match="the question is empty"):
         chat.ask("  ")
+
+
+def test_reselect_prunes_the_whole_chat_again(pipe, reference, images, questions):
+    """reselect=True: a follow-up is the PyTorch generate of the whole chat, pruned for it (new kept tokens)."""
+    model, strategy = reference
+    chat = pipe.chat(images[1], budget=BUDGET, reselect=True)
+    first = chat.ask(questions[0], max_new_tokens=NEW_TOKENS)
+    answer1 = first.sequences[0].tolist()
+    assert len(answer1) == NEW_TOKENS and answer1[-1] not in pipe.manifest.special_tokens.eos
+    second = chat.ask(questions[1], max_new_tokens=NEW_TOKENS)
+    batch = pipe.processor([images[1]], [questions[0]])
+    full = torch.tensor([batch.input_ids[0].tolist() + answer1 + pipe.processor.follow_up(questions[1])])
+    want = generate_from_batch(model, PromptBatch(full, torch.ones_like(full), batch.pixel_values), strategy=strategy,
+                               budget=BUDGET, sampling=SamplingConfig(NEW_TOKENS))
+    np.testing.assert_array_equal(second.sequences, want.sequences.numpy())
+    np.testing.assert_array_equal(second.kept_index, want.kept_index.numpy())
+    assert second.timings_ms.vision_cache_hits == 1 and second.prefill_length == full.shape[1] - 64 + BUDGET

@@ -41,7 +41,7 @@ from covipal_export.runtime.vision_cache import DEFAULT_MB, VisionCache
 
 @dataclass
 class Timings:
-    """Milliseconds per stage; ttft runs from the call to the first token (preprocessing included)."""
+    """Milliseconds per stage (ttft: from the call to the first token, preprocessing included); vision cache counts."""
 
     preprocess: float = 0.0
     vision: float = 0.0
@@ -166,10 +166,11 @@ class Pipeline:
         return run.result()
 
     def chat(self, image: ImageInput, *, budget: Budget | None = None, color: str = "rgb",
-             position_policy: str | None = None) -> Conversation:
+             position_policy: str | None = None, reselect: bool = False) -> Conversation:
         """A conversation about `image`: `ask(question)` answers in turn, reusing the KV cache of the image and of
-        the earlier turns (follow-ups keep the first question's visual tokens)."""
-        return Conversation(self, image, budget, color, position_policy)
+        the earlier turns, so follow-ups keep the first question's visual tokens; `reselect=True` prunes again for
+        each follow-up and prefills the whole chat (slower; see `covipal_export.runtime.conversation`)."""
+        return Conversation(self, image, budget, color, position_policy, reselect)
 
     def generate_from_batch(self, batch: PromptBatch, *, max_new_tokens: int = 32, budget: Budget | None = None,
                             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
