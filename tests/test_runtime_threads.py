@@ -13,15 +13,16 @@ from covipal_export.runtime import Pipeline
 NEW_TOKENS = 12  # random weights: every call decodes all of them (ignore_eos as well, to be sure)
 
 
-@pytest.fixture(scope="module", params=["ort", "torch"])
-def backend(request) -> str:
-    return request.param
+@pytest.fixture(scope="module")
+def pipes(tiny_export: Path) -> dict[str, Pipeline]:
+    """Per backend, the vision cache off: every call runs the encoder, so threads run it at the same time."""
+    return {name: Pipeline.from_dir(tiny_export, backend=name, threads=1, vision_cache_mb=0)
+            for name in ("ort", "torch")}
 
 
 @pytest.fixture(scope="module")
-def pipe(backend, tiny_export: Path) -> Pipeline:
-    """The vision cache off: every call runs the encoder, so threads run it at the same time."""
-    return Pipeline.from_dir(tiny_export, backend=backend, threads=1, vision_cache_mb=0)
+def pipe(pipes) -> Pipeline:
+    return pipes["ort"]
 
 
 def calls(images, questions, count: int) -> list[tuple]:
@@ -36,8 +37,9 @@ def answer(pipe: Pipeline, call: tuple) -> list[int]:
     return result.sequences[0].tolist()
 
 
-@pytest.mark.parametrize("threads, per_thread", [(8, 1), (4, 10)])
-def test_threads_get_the_tokens_of_serial_calls(pipe, images, questions, threads, per_thread):
+@pytest.mark.parametrize("backend, threads, per_thread", [("ort", 8, 1), ("ort", 4, 10), ("torch", 8, 1)])
+def test_threads_get_the_tokens_of_serial_calls(pipes, images, questions, backend, threads, per_thread):
+    pipe = pipes[backend]
     work = calls(images, questions, threads * per_thread)
     serial = [answer(pipe, call) for call in work]
     assert all(len(tokens) == NEW_TOKENS for tokens in serial)
@@ -62,9 +64,9 @@ def test_threads_share_batches_and_streams(pipe, images, questions):
     assert got == want
 
 
-def test_threads_share_the_vision_cache(backend, pipe, tiny_export, images, questions):
+def test_threads_share_the_vision_cache(pipe, tiny_export, images, questions):
     """A fresh cache filled by 4 threads at once (hits and misses racing) gives the answers of uncached calls."""
-    cached = Pipeline.from_dir(tiny_export, backend=backend, threads=1)
+    cached = Pipeline.from_dir(tiny_export, backend="ort", threads=1)
     work = calls(images, questions, 40)
     with ThreadPoolExecutor(4) as pool:
         shared = list(pool.map(lambda call: answer(cached, call), work))
