@@ -5,8 +5,8 @@
                   EOS, the chat template's end of the answer and the next user turn (`PromptProcessor.follow_up`)
     pruning       follow-ups keep the first question's visual tokens (default): their KV is what the cache
                   holds; `reselect=True` prunes again for each follow-up, the PPM reading the whole chat's text,
-                  and prefills the whole chat again (the vision cache still hits); measured in
-                  docs/BENCHMARKS.md#frames-cameras-and-chats
+                  and prefills the whole chat again (the vision cache still hits). On easy-VQA pairs it answered
+                  no better and took 3-6x the follow-up's TTFT (docs/BENCHMARKS.md#frames-cameras-and-chats)
     context full  one-line CovipalError naming the positions used and the export's context
 
 One conversation is one caller's (not shared between threads); the Pipeline under it may be.
