@@ -6,7 +6,9 @@ special token ids) so that the export manifest can describe it and a runtime can
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence, Union
 
@@ -16,7 +18,10 @@ from PIL import Image, UnidentifiedImageError
 
 from covipal.errors import CovipalError
 
-ImageInput = Union[Image.Image, np.ndarray, str, Path]
+# a file path, encoded bytes (JPEG, PNG, ...), a PIL image, an [H, W, 3] uint8 array or tensor (CPU or CUDA), or
+# any object with __dlpack__ holding such pixels (taken by torch.from_dlpack, without a copy)
+ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, bytes, bytearray, memoryview, str, Path]
+COLORS = ("rgb", "bgr")  # the channel order of raw pixels (arrays, tensors); OpenCV frames are BGR
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -49,27 +54,59 @@ class ImagePreprocessing:
         return pixels.transpose(2, 0, 1)  # [3, S, S]
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """A PIL RGB image from a path, a PIL image, or an `[H, W, 3]` uint8 array; one-line errors otherwise."""
+def load_image(image: ImageInput, color: str = "rgb") -> Image.Image:
+    """A PIL RGB image from any `ImageInput`; one-line `CovipalError`s for what is not an image.
+
+    color: the channel order of raw pixels ("rgb" or "bgr"); files, bytes and PIL images carry their own.
+    A BGR frame passed as "rgb" is not detectable: it is answered with red and blue swapped.
+    """
+    if color not in COLORS:
+        raise CovipalError(f"color must be one of {', '.join(COLORS)}, got {color!r}")
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise CovipalError(f"image not found: {path}")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise CovipalError(f"cannot read image {path}: {exc}") from None
+        return _decode(path, str(path))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if not len(image):
+            raise CovipalError("cannot decode image bytes: there are none")
+        return _decode(io.BytesIO(bytes(image)), f"{len(image)} image bytes")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if not isinstance(image, (np.ndarray, torch.Tensor)) and hasattr(image, "__dlpack__"):
+        image = torch.from_dlpack(image)  # CuPy, JAX, ... arrays: a view, no copy
+    if isinstance(image, torch.Tensor):
+        _check_pixels(list(image.shape), str(image.dtype).removeprefix("torch."), "tensor")
+        image = image.detach().cpu().numpy()  # preprocessing (PIL resize) runs on the host: CUDA frames come over
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-            raise CovipalError(f"an image array must have shape [H, W, 3], got {list(image.shape)}")
-        if image.dtype != np.uint8:
-            raise CovipalError(f"an image array must be uint8 (0..255), got {image.dtype}")
-        return Image.fromarray(image, mode="RGB")
-    raise CovipalError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an [H, W, 3] array")
+        _check_pixels(list(image.shape), str(image.dtype), "array")
+        pixels = image[..., ::-1] if color == "bgr" else image  # [H, W, 3] RGB
+        return Image.fromarray(np.ascontiguousarray(pixels))
+    raise CovipalError(f"unsupported image type {type(image).__name__}: pass a path, encoded bytes, a PIL image, "
+                       f"or an [H, W, 3] uint8 array or tensor")
+
+
+def _decode(source: Path | io.BytesIO, what: str) -> Image.Image:
+    """An encoded image, fully decoded (a truncated file fails here, not later)."""
+    try:
+        with Image.open(source) as opened:
+            opened.load()
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CovipalError(f"cannot read image {what}: {exc}") from None
+
+
+def _check_pixels(shape: list[int], dtype: str, kind: str) -> None:
+    """Raw pixels are [H, W, 3] uint8 with H, W > 0."""
+    if len(shape) != 3 or shape[2] != 3:
+        channels = f"{shape[2]} channels" if len(shape) == 3 else f"{len(shape)} dimensions"
+        raise CovipalError(f"an image {kind} must have shape [H, W, 3], got {shape} ({channels}; "
+                           f"3 are RGB or BGR)")
+    if shape[0] == 0 or shape[1] == 0:
+        raise CovipalError(f"an image {kind} must have shape [H, W, 3], got {shape} (empty)")
+    if dtype != "uint8":
+        raise CovipalError(f"an image {kind} must be uint8 (0..255), got {dtype}; convert float pixels in 0..1 "
+                           f"with (x * 255).round() to uint8")
 
 
 @dataclass
@@ -91,6 +128,8 @@ class PromptProcessor:
     num_image_tokens: int  # N: the placeholder is expanded to this many image tokens
     image_preprocessing: ImagePreprocessing
     add_special_tokens: bool = True  # let the tokenizer add BOS (LLaVA); False when the template writes it
+    # one caller at a time in the (Rust) tokenizer: a Pipeline shared by threads shares its processor
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def image_token_id(self) -> int:
@@ -107,7 +146,8 @@ class PromptProcessor:
         """Prompt ids with the single image placeholder expanded to `num_image_tokens` copies."""
         if not isinstance(question, str) or not question.strip():
             raise CovipalError("the question is empty")
-        ids = self.tokenizer(self.render(question), add_special_tokens=self.add_special_tokens)["input_ids"]
+        with self._lock:
+            ids = self.tokenizer(self.render(question), add_special_tokens=self.add_special_tokens)["input_ids"]
         image_id = self.image_token_id
         slots = [i for i, token in enumerate(ids) if token == image_id]
         if len(slots) != 1:
@@ -115,7 +155,25 @@ class PromptProcessor:
         i = slots[0]
         return ids[:i] + [image_id] * self.num_image_tokens + ids[i + 1 :]
 
-    def __call__(self, images: Sequence[ImageInput], questions: Sequence[str]) -> PromptBatch:
+    def follow_up(self, question: str) -> list[int]:
+        """Ids that close the assistant's answer and ask `question` next in the same chat (no new image), ending
+        with the assistant's turn: the chat template's text after an assistant message, tokenized on its own."""
+        if not isinstance(question, str) or not question.strip():
+            raise CovipalError("the question is empty")
+        marker = "\x00answer\x00"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": marker}]},
+                    {"role": "user", "content": [{"type": "text", "text": question}]}]
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+        if self.image_token_id in ids:
+            raise CovipalError(f"the question must not contain {self.image_token!r}; the chat has one image")
+        return ids
+
+    def __call__(self, images: Sequence[ImageInput], questions: Sequence[str], color: str = "rgb") -> PromptBatch:
+        """color: the channel order of raw pixel arrays and tensors (see `load_image`)."""
         if len(images) != len(questions) or not images:
             raise CovipalError(f"need one question per image, got {len(images)} images and {len(questions)} questions")
         rows = [self.tokenize(q) for q in questions]
@@ -123,8 +181,9 @@ class PromptProcessor:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
         attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        pixels = np.stack([self.image_preprocessing(load_image(image)) for image in images])
+        pixels = np.stack([self.image_preprocessing(load_image(image, color)) for image in images])
         return PromptBatch(input_ids, attention_mask, torch.from_numpy(pixels))
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+        with self._lock:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()

@@ -81,7 +81,8 @@ class Worker:
         self.spec, self.directory = spec, Path(spec.directory)
         manifest = open_export(self.directory, check_files=False)  # the parent checked the files
         backend, reason = choose_backend(self.directory, manifest, spec.backend, spec.threads)
-        self.pipe = Pipeline(self.directory, manifest, prompt_processor(self.directory, manifest), backend, reason)
+        self.pipe = Pipeline(self.directory, manifest, prompt_processor(self.directory, manifest), backend, reason,
+                             vision_cache_mb=0)  # every call is timed with its vision encoder
         self.prompt = PromptSource(manifest, self.pipe, spec)
         self.selection_inputs = selection_inputs(backend, self.prompt.batch())  # for timing the selection alone
         self.memory = PeakMemory()

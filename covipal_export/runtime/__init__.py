@@ -11,6 +11,7 @@ Reads nothing about a model but the directory's manifest, and imports nothing fr
     reference.py      the PyTorch model and strategy of a directory, rebuilt from the covipal registry
     selection.py      which backends are usable here, and what `auto` picks and why
     pipeline.py       `Pipeline`: preprocessing -> vision -> prune -> splice -> prefill -> the decode loop, timed
+    vision_cache.py   visual tokens by frame content (LRU, bounded in bytes): the encoder runs once per frame
     cli.py            `python run_trt.py IMAGE QUESTION` (also `covipal-run`)
 """
 

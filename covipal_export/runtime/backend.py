@@ -9,7 +9,9 @@ the call's KV cache and each `step` extends the cache it is given, so concurrent
     selector.select(visual, text_embeds, text_mask, k)         -> kept_index [B, k], scores [B, N]
     prune(input_ids, attention_mask, visual, k, policy)        -> covipal.pruning.PrunedPrompt (covipal's splice)
     prefill(prompt)                                            -> logits [B, V], cache
-    step(cache, token [B], attention_mask [B, P+1], position_ids [B, 1]) -> logits [B, V]; the cache grows by one
+    extend(cache, input_ids [B, S], attention_mask [B, P+S], position_ids [B, S]) -> logits [B, V] of the last
+                                                                  new position; the cache grows by S (a chat turn)
+    step(cache, token [B], attention_mask [B, P+1], position_ids [B, 1]) -> extend by one token
 
 Tensors at this interface are torch CPU tensors; each backend converts to what it runs on.
 """
@@ -66,9 +68,14 @@ class Backend(ABC):
         """Logits of the last prompt position [B, V] (float32) and the cache holding the prompt."""
 
     @abstractmethod
+    def extend(self, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (float32) of the last of S new tokens per row, fed after `cache`; it grows by S."""
+
     def step(self, cache: KVCache, token: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] (float32) after feeding one token per row; `cache` grows by one."""
+        return self.extend(cache, token[:, None], attention_mask, position_ids)
 
 
 class GraphBackend(Backend):

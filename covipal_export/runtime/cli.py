@@ -2,11 +2,15 @@
 
 Streams the answer on stdout and a one-line summary on stderr (backend, tokens kept, TTFT, tokens/s);
 `--json` prints one JSON object instead. `--compare-unpruned` answers again without pruning in the same
-process and says what pruning saved. Bad input: one `error: ...` line and exit status 2.
+process and says what pruning saved. A video (`run_trt.py VIDEO.mp4 QUESTION --every SECONDS`) is answered
+frame by frame: one `[mm:ss.s] answer` line per sampled frame (`--json`: one object per frame, a line each).
+Bad input: one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -20,11 +24,13 @@ from covipal_export import names
 from covipal_export.runtime.export_dir import find_engine_dir
 from covipal_export.runtime.pipeline import GenerationResult, Pipeline
 from covipal_export.runtime.selection import BACKENDS
+from covipal_export.runtime.video import SUFFIXES, is_video, sample_frames
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python run_trt.py", description=__doc__.splitlines()[0])
-    parser.add_argument("image", help="image file (PNG, JPEG, ...)")
+    parser.add_argument("image", help=f"image file (PNG, JPEG, ...), or a video ({', '.join(SUFFIXES)}, or any file "
+                                      f"with --every)")
     parser.add_argument("question")
     parser.add_argument("--engine-dir", type=Path, help=f"export directory (default: the one in {names.DEFAULT_ROOT}/, "
                                                         f"or the newest when there are several)")
@@ -36,12 +42,27 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="default: 32")
     parser.add_argument("--compare-unpruned", action="store_true",
                         help="also answer with every visual token kept, and print the prefill time pruning saved")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.add_argument("--every", type=positive_seconds, metavar="SECONDS",
+                        help="answer about one video frame per SECONDS (default for a video: 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text "
+                                                            "(a video: one per frame)")
     return parser
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.every is not None or is_video(args.image):
+        return answer_video(args)
     image = load_image(args.image)  # a missing or unreadable image fails before the (slow) load
     if not args.question.strip():
         raise CovipalError("the question is empty")
@@ -66,6 +87,28 @@ def main(argv: list[str] | None = None) -> int:
           f"kept; TTFT {result.timings_ms.ttft:.0f} ms; {result.tokens_per_second:.1f} tokens/s", file=sys.stderr)
     if args.compare_unpruned:
         print(savings(*compare_unpruned(pipe, image, args.question, options)), file=sys.stderr)
+    return 0
+
+
+def answer_video(args: argparse.Namespace) -> int:
+    """One answer per sampled frame, with its time in the video; frames are decoded as the answers go."""
+    if args.compare_unpruned:
+        raise CovipalError("--compare-unpruned takes an image, not a video")
+    if not args.question.strip():
+        raise CovipalError("the question is empty")
+    frames = sample_frames(args.image, args.every or 1.0)
+    first = next(frames, None)  # a video that does not open fails before the (slow) load
+    if first is None:
+        raise CovipalError(f"{args.image} has no frames")
+    quiet_libraries()
+    pipe = Pipeline.from_dir(args.engine_dir or find_engine_dir(), backend=args.backend)
+    for index, (seconds, frame) in enumerate(itertools.chain([first], frames)):
+        result = pipe.generate(frame, args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
+        if args.json:
+            print(json.dumps({"time_s": round(seconds, 3), "frame": index, **result.to_json()}), flush=True)
+        else:
+            minutes, rest = divmod(seconds, 60)
+            print(f"[{int(minutes):02d}:{rest:04.1f}] {result.answer}", flush=True)
     return 0
 
 

@@ -77,9 +77,9 @@ class OrtBackend(GraphBackend):
         cache = KVCache(past)
         return self._decode(cache, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids), cache
 
-    def step(self, cache: KVCache, token: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor) -> torch.Tensor:
-        embeds = self.run(names.EMBED, {names.INPUT_IDS: token[:, None]})[names.TEXT_EMBEDS]  # [B, 1, D]
+    def extend(self, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS]  # [B, S, D]
         return self._decode(cache, embeds, attention_mask, position_ids)
 
     def _decode(self, cache: KVCache, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

@@ -6,8 +6,13 @@
     for text in pipe.generate(image, question, stream=True): print(text, end="")
 
 Stages: preprocessing (tokenizer, chat template, image preprocessing: all from the directory) ->
-vision -> embed -> prune (budget per call) -> splice -> prefill -> decode loop with the KV cache.
+vision (once per frame: `vision_cache`) -> embed -> prune (budget per call) -> splice -> prefill -> decode loop
+with the KV cache.
 Batches are lists of (image, question) pairs, left-padded like `covipal.models.processing`.
+
+Threads may share one Pipeline: each call keeps its own state (`_Run`: timings, tokens, the KV cache the
+backend returns); ONNX Runtime sessions and the PyTorch model run concurrent calls, TensorRT calls to one
+engine take turns (one execution context each), and the tokenizer takes one caller at a time.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ from covipal.models.processing import ImageInput, PromptBatch, PromptProcessor
 from covipal.pruning import PrunedPrompt, check_position_policy
 from covipal_export.manifest import Manifest, QuantizationSpec
 from covipal_export.runtime.backend import Backend, KVCache
+from covipal_export.runtime.conversation import Conversation
 from covipal_export.runtime.export_dir import open_export, prompt_processor
 from covipal_export.runtime.selection import choose_backend
+from covipal_export.runtime.vision_cache import DEFAULT_MB, VisionCache
 
 
 @dataclass
 class Timings:
-    """Milliseconds per stage; ttft runs from the call to the first token (preprocessing included)."""
+    """Milliseconds per stage (ttft: from the call to the first token, preprocessing included); vision cache counts."""
 
     preprocess: float = 0.0
     vision: float = 0.0
@@ -42,6 +49,8 @@ class Timings:
     prefill: float = 0.0
     ttft: float = 0.0
     decode_per_token: float = 0.0  # mean over the steps after the first token
+    vision_cache_hits: int = 0  # images whose visual tokens came from the Pipeline's vision cache (a count)
+    vision_cache_misses: int = 0  # images the vision encoder ran on (a count)
 
 
 @dataclass
@@ -100,22 +109,24 @@ class Pipeline:
     """One loaded export directory on one backend; `generate` may be called any number of times."""
 
     def __init__(self, directory: Path, manifest: Manifest, processor: PromptProcessor | None, backend: Backend,
-                 reason: str):
+                 reason: str, vision_cache_mb: float = DEFAULT_MB):
         self.directory, self.manifest, self._processor = directory, manifest, processor
         self.backend, self.reason = backend, reason
+        self.vision_cache = VisionCache(vision_cache_mb)
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, backend: str = "auto", check_files: bool = True,
-                 threads: int | None = None) -> "Pipeline":
+                 threads: int | None = None, vision_cache_mb: float = DEFAULT_MB) -> "Pipeline":
         """Open `engine_dir` from its manifest alone (files checked against their sha256) on `backend`.
 
         threads: ONNX Runtime's intra-op threads (None: its default).
+        vision_cache_mb: bound of the visual tokens kept by frame content (0: run the encoder on every call).
         """
         directory = Path(engine_dir)
         manifest = open_export(directory, check_files)
         processor = prompt_processor(directory, manifest)
         chosen, reason = choose_backend(directory, manifest, backend, threads)
-        return cls(directory, manifest, processor, chosen, reason)
+        return cls(directory, manifest, processor, chosen, reason, vision_cache_mb)
 
     @property
     def has_processor(self) -> bool:
@@ -133,23 +144,33 @@ class Pipeline:
     def generate(self, image: ImageInput | Sequence[ImageInput], question: str | Sequence[str], *,
                  max_new_tokens: int = 32, budget: Budget | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, position_policy: str | None = None, stream: bool = False,
-                 ignore_eos: bool = False) -> GenerationResult | GenerationStream:
-        """Answer one question about one image, or lists of both (a batch).
+                 ignore_eos: bool = False, color: str = "rgb") -> GenerationResult | GenerationStream:
+        """Answer one question about one image, or lists of both (a batch: several cameras' frames at once).
 
+        image: a path, encoded bytes, a PIL image, or an [H, W, 3] uint8 array or tensor (`ImageInput`).
         budget: visual tokens to keep, "all" for no pruning, None for the manifest's default.
         ignore_eos: decode all `max_new_tokens` (benchmarks).
+        color: the channel order of raw pixel arrays and tensors, "rgb" or "bgr" (OpenCV frames); a BGR frame
+            passed as "rgb" cannot be detected and is answered with red and blue swapped.
         """
         single = isinstance(question, str)
         images, questions = ([image], [question]) if single else (list(image), list(question))
         if stream and len(questions) != 1:
             raise CovipalError(f"stream=True answers one question at a time, got {len(questions)}")
         run = self._start(max_new_tokens, temperature, top_p, seed, budget, position_policy, ignore_eos)
-        steps = run.tokens(run.prepare(images, questions))  # bad input fails here, before streaming
+        steps = run.tokens(run.prepare(images, questions, color))  # bad input fails here, before streaming
         if stream:
             return GenerationStream((row[0] for row in steps), self.processor, run.result)
         for _ in steps:
             pass
         return run.result()
+
+    def chat(self, image: ImageInput, *, budget: Budget | None = None, color: str = "rgb",
+             position_policy: str | None = None, reselect: bool = False) -> Conversation:
+        """A conversation about `image`: `ask(question)` answers in turn, reusing the KV cache of the image and of
+        the earlier turns, so follow-ups keep the first question's visual tokens; `reselect=True` prunes again for
+        each follow-up and prefills the whole chat (slower; see `covipal_export.runtime.conversation`)."""
+        return Conversation(self, image, budget, color, position_policy, reselect)
 
     def generate_from_batch(self, batch: PromptBatch, *, max_new_tokens: int = 32, budget: Budget | None = None,
                             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -196,8 +217,9 @@ class _Run:
         the call's cache."""
         backend, timings = self.pipe.backend, self.timings
         mark = time.perf_counter()
-        visual = backend.encode_images(batch.pixel_values)  # [B, N, D]
+        visual, counts = self.pipe.vision_cache.encode(batch.pixel_values, backend.encode_images)  # [B, N, D]
         timings.vision, mark = _ms(mark), time.perf_counter()
+        timings.vision_cache_hits, timings.vision_cache_misses = counts.hits, counts.misses
         prompt = backend.prune(batch.input_ids, batch.attention_mask, visual, self.k, self.position_policy)
         timings.prune, mark = _ms(mark), time.perf_counter()
         self.kept_index, self.prefill_length = prompt.kept_index.numpy(), prompt.inputs_embeds.shape[1]
@@ -207,8 +229,14 @@ class _Run:
 
     def tokens(self, batch: PromptBatch) -> Iterator[list[list[int]]]:
         """Yields the tokens so far, per row, after each step (at most max_new_tokens steps)."""
-        backend, special = self.pipe.backend, self.pipe.manifest.special_tokens
         prompt, logits, cache = self.prefill(batch)
+        yield from self.decode(logits, cache, prompt.attention_mask, prompt.position_ids)
+
+    def decode(self, logits: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> Iterator[list[list[int]]]:
+        """The decode loop after a prefill: logits [B, V] of the last position, attention_mask [B, P] and
+        position_ids [B, S] of what the cache holds; every token but the last is fed back into `cache`."""
+        backend, special = self.pipe.backend, self.pipe.manifest.special_tokens
         step_times: list[float] = []
 
         def step(token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -218,8 +246,8 @@ class _Run:
             return logits
 
         self.rows = [[] for _ in range(len(logits))]
-        loop = decode_loop(logits, prompt.attention_mask, prompt.position_ids, step, self.sampling, special.eos,
-                           special.pad, stop_at_eos=self.stop_at_eos)
+        loop = decode_loop(logits, attention_mask, position_ids, step, self.sampling, special.eos, special.pad,
+                           stop_at_eos=self.stop_at_eos)
         for count, token in enumerate(loop):
             for row, value in zip(self.rows, token.tolist()):
                 row.append(value)
@@ -228,11 +256,11 @@ class _Run:
             yield self.rows
         self.timings.decode_per_token = float(np.mean(step_times)) if step_times else 0.0
 
-    def prepare(self, images: Sequence[ImageInput], questions: Sequence[str]) -> PromptBatch:
+    def prepare(self, images: Sequence[ImageInput], questions: Sequence[str], color: str = "rgb") -> PromptBatch:
         """Prompt ids (left-padded) and pixel values, checked against the export's batch and context sizes."""
         self._check_batch_size(len(questions))
         mark = time.perf_counter()
-        batch = self.pipe.processor(images, questions)
+        batch = self.pipe.processor(images, questions, color)
         self.timings.preprocess = _ms(mark)
         return self.check(batch)
 

@@ -46,7 +46,7 @@ class TorchBackend(Backend):
         return logits[:, -1].float(), cache  # [B, V]
 
     @torch.inference_mode()
-    def step(self, cache: KVCache, token: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor) -> torch.Tensor:
-        embeds = self.model.embed_tokens(token[:, None])  # [B, 1, D]
+    def extend(self, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.model.embed_tokens(input_ids)  # [B, S, D]
         return self.model.decode(embeds, attention_mask, position_ids, cache.values)[:, -1].float()  # [B, V]

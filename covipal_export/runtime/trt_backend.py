@@ -3,7 +3,8 @@
     load      each engine with the module that built it (`tensorrt` or `tensorrt_rtx`, from its .engine.json),
               after `engine_info.check_engine` (same TensorRT version, same GPU) and a check that it was built
               from this directory's graph (the TopKGather plugin registered first where the engine holds it);
-              one execution context per engine, so calls to one engine take turns (a lock)
+              one execution context per engine, so concurrent calls to one engine take turns (a lock held
+              from set_input_shape until the stream is synchronized); their KV caches stay apart
     run       inputs become torch CUDA tensors (the `budget` shape input stays in host memory, as TensorRT
               reads its value), set_input_shape, then each output's shape from get_tensor_shape (kept tokens
               [B, k, D] follow the budget), set_tensor_address, scratch memory for these shapes (a torch buffer
@@ -75,10 +76,15 @@ class Engine:
         self.module = trt.__name__
         self.lock = threading.Lock()  # one execution context: one call at a time
 
-    def run(self, feeds: dict[str, Feed]) -> dict[str, torch.Tensor]:
-        """Outputs as new CUDA tensors, queued on the current torch stream; numpy feeds are cast and uploaded."""
-        with self.lock:
-            return self._run(feeds)
+    def run(self, feeds: dict[str, Feed], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
+        """Outputs as new CUDA tensors, ready when this returns; numpy feeds are cast and uploaded.
+
+        The lock is held until `stream` is synchronized: the context's shapes, addresses and scratch memory
+        belong to one call from set_input_shape to the end of the kernels."""
+        with self.lock, torch.cuda.stream(stream):
+            outputs = self._run(feeds)
+            stream.synchronize()
+        return outputs
 
     def _run(self, feeds: dict[str, Feed]) -> dict[str, torch.Tensor]:
         placed = {name: self._place(name, feeds[name]) for name in self.inputs}  # alive until enqueued
@@ -131,10 +137,7 @@ class TrtBackend(GraphBackend):
 
     def run(self, stage: str, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One engine on the backend's stream, synchronized: the outputs are ready when this returns."""
-        with torch.cuda.stream(self.stream):
-            outputs = self.engines[stage].run(feeds)
-        self.stream.synchronize()
-        return outputs
+        return self.engines[stage].run(feeds, self.stream)
 
     def prefill(self, prompt: PrunedPrompt) -> tuple[torch.Tensor, KVCache]:
         decoder = self.manifest.decoder
@@ -143,9 +146,9 @@ class TrtBackend(GraphBackend):
         cache = KVCache([empty] * len(self.past_names))
         return self._decode(cache, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids), cache
 
-    def step(self, cache: KVCache, token: torch.Tensor, attention_mask: torch.Tensor,
-             position_ids: torch.Tensor) -> torch.Tensor:
-        embeds = self.run(names.EMBED, {names.INPUT_IDS: token[:, None]})[names.TEXT_EMBEDS]  # [B, 1, D], on the GPU
+    def extend(self, cache: KVCache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS]  # [B, S, D], on the GPU
         return self._decode(cache, embeds, attention_mask, position_ids)
 
     def _decode(self, cache: KVCache, inputs_embeds: Feed, attention_mask: torch.Tensor,
