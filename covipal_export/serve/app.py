@@ -5,14 +5,13 @@
     GET  /health                ready, with the backend
 
 Bad requests get HTTP 400 with an OpenAI-style JSON error (413 for a body over the limit, 404 for another
-model's name). Pipeline calls run one at a time behind a lock: `Pipeline` state per call is issue 19's;
-until then two concurrent calls on one Pipeline are not safe.
+model's name). FastAPI runs the endpoints in its thread pool, so requests share the one `Pipeline`
+concurrently (it keeps each call's state apart; TensorRT engines take turns).
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -78,7 +77,6 @@ def create_app(pipe: Pipeline, config: ServerConfig | None = None, model_name: s
     config = config or ServerConfig()
     name = model_name or pipe.directory.name
     eos = list(pipe.manifest.special_tokens.eos)
-    lock = threading.Lock()
     app = FastAPI(title="covipal-export", description="OpenAI-compatible chat completions with an image")
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
@@ -108,11 +106,10 @@ def create_app(pipe: Pipeline, config: ServerConfig | None = None, model_name: s
         question = read_question(body, config)
         cid = api.completion_id()
         if body.stream:
-            pieces = _locked_stream(lock, pipe, question)
+            pieces = _stream(pipe, question)
             next(pieces)  # bad input (budget, context) fails here, as a 400, before any event
             return StreamingResponse(_events(cid, name, eos, pieces), media_type="text/event-stream")
-        with lock:
-            result = pipe.generate(question.image, question.question, **question.options())
+        result = pipe.generate(question.image, question.question, **question.options())
         return api.completion(cid, name, result.answer, _finish(result, eos), _usage(result), _extra(result))
 
     return app
@@ -127,14 +124,12 @@ def read_question(body: api.ChatRequest, config: ServerConfig) -> Question:
                          seed=body.seed)
 
 
-def _locked_stream(lock: threading.Lock, pipe: Pipeline, question: Question) -> Iterator:
-    """Yields None once the input checked out, then the text pieces, then the GenerationResult; holds the lock
-    from the first step to the last (or until the client goes away and the generator is closed)."""
-    with lock:
-        stream = pipe.generate(question.image, question.question, stream=True, **question.options())
-        yield None
-        yield from stream
-        yield stream.result
+def _stream(pipe: Pipeline, question: Question) -> Iterator:
+    """Yields None once the input checked out, then the text pieces, then the GenerationResult."""
+    stream = pipe.generate(question.image, question.question, stream=True, **question.options())
+    yield None
+    yield from stream
+    yield stream.result
 
 
 def _events(cid: str, name: str, eos: list[int], pieces: Iterator) -> Iterator[str]:
