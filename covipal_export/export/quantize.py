@@ -13,9 +13,10 @@ weight's input dimension:
 
     rtn    `onnxruntime.quantization.MatMulNBitsQuantizer`: round to nearest, int8 or int4, in seconds
     gptq   `onnxruntime.quantization.neural_compressor.weight_only.gptq_quantize` (what MatMulNBitsQuantizer runs for
-           its GPTQWeightOnlyQuantConfig; called directly so the LM head can stay out): each layer's rounding
-           error is compensated on the weights not yet rounded, using the layer's inputs on `--calib` real
-           prompts (`calibration.py`); int4 only (its 8-bit result is not packed)
+           its GPTQWeightOnlyQuantConfig; called directly so the LM head can stay out), fed each layer's inputs on
+           `--calib` real prompts (`calibration.py`); int4 only (its 8-bit result is not packed). In onnxruntime
+           1.32 its error updates read zeros, so the data changes nothing, and its result is re-rounded with new
+           scales: worse than rtn (docs/BENCHMARKS.md, "Calibrated int4: GPTQ")
     awq    refused (`AWQ_UNAVAILABLE`)
 
 Every MatMul with a constant weight is quantized (q/k/v/o, gate/up/down in each layer); the LM head only with
@@ -47,8 +48,8 @@ CALIBRATED = ("gptq", "awq")
 DEFAULT_CALIB = 16  # (image, question) pairs; about a minute each for mini-llava here (see docs/BENCHMARKS.md)
 AWQ_UNAVAILABLE = (
     "--quant-method awq is not available: ONNX Runtime's only AWQ (nvidia_awq) runs NVIDIA ModelOpt's ONNX "
-    "awq_lite, which needs cupy and a CUDA GPU and calibrates on a Hugging Face Hub data set; use --quant-method "
-    "gptq, ONNX Runtime's calibrated int4 quantizer")
+    "awq_lite (which needs cupy, a CUDA GPU) on text from a Hugging Face Hub data set, fed as input_ids, not this "
+    "decoder's image-and-question inputs_embeds; use --quant-method gptq, ONNX Runtime's calibrated int4 quantizer")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
 DEFAULT_BLOCK = 32  # SmolLM2's GGUF (Q4_1) and llama.cpp's Q4/Q8 use blocks of 32
 # MatMulNBits' accuracy level 4 computes with the activations quantized to int8 inside the kernel (as llama.cpp's
