@@ -111,13 +111,13 @@ class QuantizationSpec:
 
     bits: int  # 4 or 8
     block_size: int  # group size along each weight's input dimension
-    method: str  # "rtn": round to nearest
+    method: str  # "rtn": round to nearest; "gptq": ONNX Runtime's GPTQ, calibrated
     symmetric: bool  # no zero points (TensorRT's dequantize takes none)
     accuracy_level: int  # MatMulNBits' compute type in ONNX Runtime (4: int8 activations inside the kernel)
     layers: str  # which MatMuls, in words
     quantized_matmuls: list[str]  # the MatMul nodes of the export-dtype graph that were quantized
     lm_head: bool
-    calibration: dict[str, str | int] | None  # data and count, for calibrated methods
+    calibration: dict[str, str | int] | None  # {"data": in words, "count": pairs} for gptq; None for rtn
     library: str  # the quantizer, with its version
     trt_file: str  # the TensorRT form: the same weights as DequantizeLinear -> MatMul (decoder.qdq.onnx)
 

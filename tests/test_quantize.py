@@ -167,9 +167,15 @@ def run_export(*args: str) -> subprocess.CompletedProcess:
     (["--quant", "int3"], "argument --quant: invalid choice: 'int3'"),
     (["--quant", "int4", "--quant-block", "7"], "--quant-block must be one of 16, 32, 64, 128, 256, got 7"),
     (["--quant", "none", "--quant-method", "rtn"], "--quant-method needs --quant int8 or int4"),
-    (["--quant", "none", "--quant-method", "awq"], "argument --quant-method: invalid choice: 'awq'"),
-    (["--quant", "int4", "--quant-method", "awq"], "argument --quant-method: invalid choice: 'awq'"),
+    (["--quant", "none", "--quant-method", "awq"], "--quant-method needs --quant int8 or int4"),
+    (["--quant", "int4", "--quant-method", "awq"], "--quant-method awq is not available: ONNX Runtime's only AWQ"),
     (["--quant-lm-head"], "--quant-lm-head needs --quant int8 or int4"),
+    (["--quant", "int4", "--quant-method", "gptq", "--calib", "0"], "argument --calib: expected a positive integer"),
+    (["--quant", "int4", "--calib", "4"], "--calib needs a calibrated --quant-method (gptq); rtn rounds each weight"),
+    (["--calib", "4"], "--calib needs --quant int8 or int4"),
+    (["--quant", "int8", "--quant-method", "gptq"], "--quant-method gptq writes int4 only"),
+    (["--quant", "int4", "--quant-method", "gptq", "--calib", "29"],  # no usable calibration data: 7 images x 4
+     "--calib 29: tiny-random-llava calibrates on the 7 bundled images with 4 generic questions each, 28 pairs"),
 ])
 def test_bad_quantization_flags_are_one_line_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "never"
@@ -207,3 +213,32 @@ def test_tensorrt_rtx_builds_the_int4_qdq_decoder_and_refuses_int8_in_one_line(t
                                                "for TensorRT") as error:
             build_engines(out, module="tensorrt_rtx")
         assert "\n" not in str(error.value) and not (out / names.ENGINE_DIR).exists()
+
+
+def test_a_gptq_export_is_calibrated_verified_and_has_the_same_weights_in_both_forms(int4_export, tmp_path):
+    """export.py --quant int4 --quant-method gptq --calib 4 end to end: ONNX Runtime's GPTQ on 4 (image, question)
+    prompts, recorded in the manifest; both forms bit-identical, verify passes, the weights are not RTN's."""
+    out = tmp_path / "tiny-gptq"
+    result = run_export("--out", str(out), "--quant", "int4", "--quant-method", "gptq", "--calib", "4")
+    assert result.returncode == 0, result.stderr
+    assert "decoder int4 gptq, block 32" in result.stdout and result.stdout.rstrip().endswith("PASSED"), result.stdout
+    quantization = load_manifest(out).quantization
+    assert (quantization.bits, quantization.block_size, quantization.method, quantization.symmetric) == (
+        4, 32, "gptq", True)
+    assert quantization.calibration == {"data": "the bundled images (covipal/assets) with generic questions, 4 pairs",
+                                        "count": 4}
+    assert "gptq_quantize (onnxruntime " in quantization.library and not quantization.lm_head
+    assert len(quantization.quantized_matmuls) == 14
+    ort_form, trt_form = onnx.load(out / "decoder.onnx"), onnx.load(out / "decoder.qdq.onnx")
+    assert all(len(n.input) == 3 for n in ort_form.graph.node if n.op_type == "MatMulNBits"), "no zero points"
+    mine, theirs = quantized_weights(ort_form), quantized_weights(trt_form)
+    assert mine.keys() == theirs.keys() and len(mine) == 14
+    for name in mine:
+        assert np.array_equal(mine[name].q, theirs[name].q) and np.array_equal(mine[name].scales, theirs[name].scales)
+        assert mine[name].q.min() >= -8 and mine[name].q.max() <= 7
+    rtn = quantized_weights(onnx.load(int4_export.directory / "decoder.onnx"))  # the same seeded fp32 weights
+    assert rtn.keys() == mine.keys()
+    assert all(not np.array_equal(mine[k].q * mine[k].scales.repeat(32, 0), rtn[k].q * rtn[k].scales.repeat(32, 0))
+               for k in mine), "GPTQ changed no weight"
+    pipe = Pipeline.from_dir(out, backend="ort")
+    assert pipe.generate(IMAGE, "What?", max_new_tokens=2).to_json()["quantization"]["calibration"]["count"] == 4

@@ -17,7 +17,14 @@ from covipal_export.build.engines import build_engines, build_target, check_gath
 from covipal_export.engine_info import import_tensorrt
 from covipal_export.export.exporter import ExportOptions, VerificationFailed, describe, export_model
 from covipal_export.export.onnx_export import DEFAULT_OPSET, OPSETS
-from covipal_export.export.quantize import BLOCK_SIZES, DEFAULT_BLOCK, METHODS, QUANT_BITS, QuantOptions
+from covipal_export.export.quantize import (
+    BLOCK_SIZES,
+    DEFAULT_BLOCK,
+    DEFAULT_CALIB,
+    METHODS,
+    QUANT_BITS,
+    QuantOptions,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -57,7 +64,13 @@ def build_parser() -> ArgumentParser:
                        help=f"group size along the input dimension: {', '.join(map(str, BLOCK_SIZES))} "
                             f"(default: %(default)s)")
     quant.add_argument("--quant-method", choices=METHODS, default=None,
-                       help="rtn: round to nearest on a symmetric grid, one scale a block (default with --quant)")
+                       help="rtn: round to nearest on a symmetric grid, one scale a block (default with --quant); "
+                            "gptq (int4): ONNX Runtime's GPTQ on --calib real prompts (in onnxruntime 1.32 it "
+                            "compensates nothing and scores below rtn: docs/BENCHMARKS.md); awq: not available, "
+                            "refused with the reason")
+    quant.add_argument("--calib", type=positive_int, default=None, metavar="N",
+                       help=f"(image, question) pairs a calibrated method sees: easy-VQA train for mini-llava, the "
+                            f"bundled images with generic questions otherwise (default: {DEFAULT_CALIB})")
     quant.add_argument("--quant-lm-head", action="store_true",
                        help="quantize the LM head too (default: it stays in --dtype)")
     parser.add_argument("--trt", action="store_true",
@@ -68,7 +81,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quantization = QuantOptions(args.quant, args.quant_block, args.quant_method, args.quant_lm_head)
+    quantization = QuantOptions(args.quant, args.quant_block, args.quant_method, args.quant_lm_head, args.calib)
     if args.trt:  # refuse what cannot be built before exporting, not after
         trt = import_tensorrt(args.module)
         check_gather(args.gather, trt)

@@ -2,7 +2,8 @@
 
     check options and output -> load model + strategy -> check the budget -> temp dir beside the output
       -> vision.onnx, embed.onnx, ppm.onnx, decoder.onnx -> tokenizer/ -> manifest.json
-      -> quantize the decoder (--quant: decoder.onnx in place + decoder.qdq.onnx, manifest rewritten)
+      -> quantize the decoder (--quant: decoder.onnx in place + decoder.qdq.onnx, manifest rewritten; a calibrated
+         --quant-method first runs its --calib pairs through the new graphs)
       -> verify (optional) -> rename the temp dir to the output (replacing an old export with --force)
 
 Any failure removes the temp dir, so a failed export leaves nothing half-made behind.
@@ -111,6 +112,7 @@ class VerificationFailed(Exception):
 def export_model(options: ExportOptions) -> ExportResult:
     """Export as `options` say; returns the final directory, its manifest and the time of each step."""
     parent = writable_parent(options.out, options.force)
+    calibration = options.quantization.calibration_set(options.model)  # refused here, before anything is exported
     seconds: dict[str, float] = {}
     quantize = options.quantization.bits is not None
     steps = 4 + len(names.STAGES) + quantize
@@ -133,7 +135,7 @@ def export_model(options: ExportOptions) -> ExportResult:
                 manifest = write_manifest(scratch, model, options, pruning, ranges, graphs)
             if quantize:
                 with _step(bar, seconds, f"quantize {options.quantization.quant}"):
-                    manifest = quantize_export(scratch, manifest, options.quantization)
+                    manifest = quantize_export(scratch, manifest, options.quantization, calibration)
             report = None
             if options.verify:
                 with _step(bar, seconds, "verify"):

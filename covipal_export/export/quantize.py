@@ -7,37 +7,57 @@
                           -> decoder.qdq.onnx   the same integers and scales as INT4/INT8 DequantizeLinear -> MatMul
                                                 (opset 21, blocked, symmetric), for TensorRT (`qdq.py`)
 
-The quantizer is `onnxruntime.quantization.MatMulNBitsQuantizer` (round to nearest, symmetric, blocks of
-`--quant-block` along each weight's input dimension): it is the maintained quantizer of the runtime we ship
-on every machine, it runs on the CPU in seconds, and its symmetric grid is the one TensorRT's dequantize
-takes (no zero points). Every MatMul with a constant weight is quantized (q/k/v/o, gate/up/down in each
-layer); the LM head only with `--quant-lm-head`. Activations stay in the export dtype (accuracy level 0
-would also keep them there inside the kernel; we use `ACCURACY_LEVEL`, see below).
+The quantizers are ONNX Runtime's, the maintained ones of the runtime we ship on every machine; both write a
+symmetric grid (no zero points, which TensorRT's dequantize rejects) in blocks of `--quant-block` along each
+weight's input dimension:
+
+    rtn    `onnxruntime.quantization.MatMulNBitsQuantizer`: round to nearest, int8 or int4, in seconds
+    gptq   `onnxruntime.quantization.neural_compressor.weight_only.gptq_quantize` (what MatMulNBitsQuantizer runs for
+           its GPTQWeightOnlyQuantConfig; called directly so the LM head can stay out), fed each layer's inputs on
+           `--calib` real prompts (`calibration.py`); int4 only (its 8-bit result is not packed). In onnxruntime
+           1.32 its error updates read zeros, so the data changes nothing, and its result is re-rounded with new
+           scales: worse than rtn (docs/BENCHMARKS.md, "Calibrated int4: GPTQ")
+    awq    refused (`AWQ_UNAVAILABLE`)
+
+Every MatMul with a constant weight is quantized (q/k/v/o, gate/up/down in each layer); the LM head only with
+`--quant-lm-head`. Activations stay in the export dtype (accuracy level 0 would also keep them there inside the
+kernel; we use `ACCURACY_LEVEL`, see below).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 
 from covipal.errors import CovipalError
 from covipal_export import names
+from covipal_export.export.calibration import CalibrationSet, calibration_pairs, decoder_feeds
 from covipal_export.export.qdq import save_model, write_qdq_form
 from covipal_export.manifest import GraphSpec, Manifest, QuantizationSpec, describe_files, save_manifest
 
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq", "awq")
+CALIBRATED = ("gptq", "awq")
+DEFAULT_CALIB = 16  # (image, question) pairs; about a minute each for mini-llava here (see docs/BENCHMARKS.md)
+AWQ_UNAVAILABLE = (
+    "--quant-method awq is not available: ONNX Runtime's only AWQ (nvidia_awq) runs NVIDIA ModelOpt's ONNX "
+    "awq_lite (which needs cupy, a CUDA GPU) on text from a Hugging Face Hub data set, fed as input_ids, not this "
+    "decoder's image-and-question inputs_embeds; use --quant-method gptq, ONNX Runtime's calibrated int4 quantizer")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
 DEFAULT_BLOCK = 32  # SmolLM2's GGUF (Q4_1) and llama.cpp's Q4/Q8 use blocks of 32
 # MatMulNBits' accuracy level 4 computes with the activations quantized to int8 inside the kernel (as llama.cpp's
 # q8_1 dot products do); it is ONNX Runtime's fast CPU path and what its fused QDQ form uses by default.
 ACCURACY_LEVEL = 4
 QDQ_SUFFIX = ".qdq.onnx"
-LIBRARY = f"onnxruntime.quantization.MatMulNBitsQuantizer (onnxruntime {onnxruntime.__version__})"
+LIBRARIES = {"rtn": "onnxruntime.quantization.MatMulNBitsQuantizer",
+             "gptq": "onnxruntime.quantization.neural_compressor.weight_only.gptq_quantize"}
 
 
 @dataclass
@@ -46,19 +66,31 @@ class QuantOptions:
 
     quant: str = "none"  # none | int8 | int4
     block: int = DEFAULT_BLOCK  # group size along the input dimension
-    method: str | None = None  # rtn (the default when quantizing)
+    method: str | None = None  # rtn (the default when quantizing) | gptq
     lm_head: bool = False  # also quantize the LM head
+    calib: int | None = None  # calibration pairs, for a calibrated method (default DEFAULT_CALIB)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_BITS:
             raise CovipalError(f"--quant must be one of {', '.join(QUANT_BITS)}, got {self.quant!r}")
         if self.block not in BLOCK_SIZES:
             raise CovipalError(f"--quant-block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block}")
-        if self.quant == "none" and (self.method is not None or self.lm_head):
-            flag = "--quant-method" if self.method is not None else "--quant-lm-head"
+        if self.quant == "none" and (self.method is not None or self.lm_head or self.calib is not None):
+            flag = ("--quant-method" if self.method is not None else "--quant-lm-head" if self.lm_head
+                    else "--calib")
             raise CovipalError(f"{flag} needs --quant int8 or int4 (the decoder is not quantized with --quant none)")
         if self.method is not None and self.method not in METHODS:
             raise CovipalError(f"--quant-method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "awq":
+            raise CovipalError(AWQ_UNAVAILABLE)
+        if self.calib is not None and self.chosen_method not in CALIBRATED:
+            raise CovipalError(f"--calib needs a calibrated --quant-method (gptq); {self.chosen_method} rounds each "
+                               f"weight on its own")
+        if self.calib is not None and self.calib < 1:
+            raise CovipalError(f"--calib must be at least 1, got {self.calib}")
+        if self.method == "gptq" and self.bits != 4:
+            raise CovipalError("--quant-method gptq writes int4 only (ONNX Runtime's GPTQ packs 4-bit MatMulNBits; "
+                               "its 8-bit result is not quantized); use --quant int4, or rtn for int8")
 
     @property
     def bits(self) -> int | None:
@@ -68,10 +100,24 @@ class QuantOptions:
     def chosen_method(self) -> str:
         return self.method or METHODS[0]
 
+    @property
+    def calibration_count(self) -> int | None:
+        """How many (image, question) pairs calibrate the method; None for rtn."""
+        if self.chosen_method not in CALIBRATED:
+            return None
+        return self.calib or DEFAULT_CALIB
+
     def made(self, spec: QuantizationSpec | None) -> bool:
-        """Whether a manifest's quantization entry is what these options make (bits, block, method, LM head)."""
-        return spec is not None and (spec.bits, spec.block_size, spec.method, spec.lm_head) == (
-            self.bits, self.block, self.chosen_method, self.lm_head)
+        """Whether a manifest's quantization entry is what these options make (bits, block, method, LM head,
+        calibration count)."""
+        count = spec.calibration["count"] if spec is not None and spec.calibration else None
+        return spec is not None and (spec.bits, spec.block_size, spec.method, spec.lm_head, count) == (
+            self.bits, self.block, self.chosen_method, self.lm_head, self.calibration_count)
+
+    def calibration_set(self, model_name: str) -> CalibrationSet | None:
+        """The pairs a calibrated method sees (checked before anything is exported); None for rtn."""
+        count = self.calibration_count
+        return None if count is None else calibration_pairs(model_name, count)
 
 
 def lm_head_node(model: onnx.ModelProto) -> str | None:
@@ -86,20 +132,28 @@ def constant_matmuls(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in initializers]
 
 
-def quantize_export(directory: Path, manifest: Manifest, options: QuantOptions) -> Manifest:
-    """Quantize the decoder of an export directory in place (both forms) and rewrite its manifest."""
+def quantize_export(directory: Path, manifest: Manifest, options: QuantOptions,
+                    calibration: CalibrationSet | None = None) -> Manifest:
+    """Quantize the decoder of an export directory in place (both forms) and rewrite its manifest; a calibrated
+    method runs `calibration` (default: `options.calibration_set`) through the directory's unquantized graphs."""
     if manifest.quantization is not None:
         raise CovipalError(f"{directory}: the decoder is quantized already ({manifest.quantization.summary()})")
-    graph, quantization = quantize_decoder(directory, manifest.graphs[names.DECODER], options)
+    calibration = calibration or options.calibration_set(manifest.model.name)
+    feeds = decoder_feeds(Path(directory), calibration) if calibration is not None else None
+    graph, quantization = quantize_decoder(directory, manifest.graphs[names.DECODER], options, feeds)
+    if calibration is not None:
+        quantization.calibration = calibration.record()
     manifest.graphs[names.DECODER], manifest.quantization = graph, quantization
     manifest.files = describe_files(directory)
     save_manifest(manifest, directory)
     return manifest
 
 
-def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions) -> tuple[GraphSpec, QuantizationSpec]:
+def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
+                     feeds: list[dict[str, np.ndarray]] | None = None) -> tuple[GraphSpec, QuantizationSpec]:
     """Quantize `directory/decoder.onnx` in place and write its QDQ twin beside it; returns the updated graph spec
-    (same inputs and outputs) and the manifest's quantization entry."""
+    (same inputs and outputs) and the manifest's quantization entry (`feeds`: the decoder inputs a calibrated
+    method sees)."""
     path = Path(directory) / graph.file
     model = onnx.load(path)  # external data, if any, is read in
     lm_head = lm_head_node(model)
@@ -110,7 +164,12 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions) -
     quantized = [name for name in candidates if name not in excluded]
     if not quantized:
         raise CovipalError(f"{graph.file} has no MatMul with a constant weight to quantize")
-    model = _run_quantizer(model, options, excluded)
+    if options.chosen_method == "gptq":
+        if not feeds:
+            raise CovipalError("--quant-method gptq needs calibration inputs (none were given)")
+        model = _run_gptq(model, options, quantized, feeds)
+    else:
+        model = _run_quantizer(model, options, excluded)
     save_model(model, path)  # one file again when the quantized weights fit in protobuf's 2 GB
     external = path.name + ".data" if path.with_name(path.name + ".data").exists() else None
     graph = GraphSpec(graph.file, external, graph.inputs, graph.outputs)
@@ -120,7 +179,8 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions) -
     spec = QuantizationSpec(bits=options.bits, block_size=options.block, method=options.chosen_method,
                             symmetric=True, accuracy_level=ACCURACY_LEVEL, layers=layers,
                             quantized_matmuls=quantized, lm_head=options.lm_head, calibration=None,
-                            library=LIBRARY, trt_file=qdq_file.name)
+                            library=f"{LIBRARIES[options.chosen_method]} (onnxruntime {onnxruntime.__version__})",
+                            trt_file=qdq_file.name)
     return graph, spec
 
 
@@ -136,3 +196,23 @@ def _run_quantizer(model: onnx.ModelProto, options: QuantOptions, excluded: list
     finally:
         logging.disable(logging.NOTSET)
     return quantizer.model.model
+
+
+def _run_gptq(model: onnx.ModelProto, options: QuantOptions, quantized: list[str],
+              feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
+    """ONNX Runtime's GPTQ on `quantized` (symmetric, blocks of options.block), calibrated on `feeds`; the other
+    MatMuls (the LM head without --quant-lm-head) stay as they are."""
+    from onnxruntime.quantization.neural_compressor.weight_only import gptq_quantize
+
+    weight_config = {name: {"bits": options.bits, "group_size": options.block, "scheme": "sym", "algorithm": "GPTQ"}
+                     for name in quantized}
+    weight_config.update({name: "fp32" for name in constant_matmuls(model) if name not in quantized})
+    logging.disable(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its own progress bar, printed to stdout
+            result = gptq_quantize(model, ((feed, None) for feed in feeds), weight_config=weight_config,
+                                   num_bits=options.bits, group_size=options.block, scheme="sym", n_samples=-1,
+                                   accuracy_level=ACCURACY_LEVEL)
+    finally:
+        logging.disable(logging.NOTSET)
+    return result.model
