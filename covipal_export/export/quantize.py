@@ -49,7 +49,8 @@ DEFAULT_CALIB = 16  # (image, question) pairs; about a minute each for mini-llav
 AWQ_UNAVAILABLE = (
     "--quant-method awq is not available: ONNX Runtime's only AWQ (nvidia_awq) runs NVIDIA ModelOpt's ONNX "
     "awq_lite (which needs cupy, a CUDA GPU) on text from a Hugging Face Hub data set, fed as input_ids, not this "
-    "decoder's image-and-question inputs_embeds; use --quant-method gptq, ONNX Runtime's calibrated int4 quantizer")
+    "decoder's image-and-question inputs_embeds; use --quant-method rtn (gptq is calibrated, but ONNX Runtime "
+    "1.32's measured below rtn: docs/BENCHMARKS.md#calibrated-int4-gptq)")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
 DEFAULT_BLOCK = 32  # SmolLM2's GGUF (Q4_1) and llama.cpp's Q4/Q8 use blocks of 32
 # MatMulNBits' accuracy level 4 computes with the activations quantized to int8 inside the kernel (as llama.cpp's
