@@ -8,7 +8,8 @@ import time
 from typing import NoReturn
 
 from covipal.budget import ALL, budget_arg
-from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
+from covipal.cdpruner import DEFAULT_RELEVANCE_WEIGHT
+from covipal.cli import ArgumentParser, positive_int, probability, quiet_libraries, run
 from covipal.models import MODEL_NAMES
 from covipal.pruning import POSITION_POLICIES
 from covipal.strategies import STRATEGY_NAMES
@@ -28,6 +29,9 @@ def build_parser() -> ArgumentParser:
                         help=f"visual tokens to keep, or '{ALL}' for no pruning (default: %(default)s)")
     parser.add_argument("--ppm", default=None, help="PPM checkpoint directory for --strategy ppm "
                         "(default: the model's bundled PPM, e.g. mini-llava's)")
+    parser.add_argument("--relevance-weight", type=probability, default=DEFAULT_RELEVANCE_WEIGHT, metavar="W",
+                        help="--strategy cdpruner: weight in [0, 1] of relevance to the question against diversity "
+                             "(0: diversity only, 1: relevance only; default: %(default)s, the paper's)")
     parser.add_argument("--position-policy", default="keep", choices=POSITION_POLICIES,
                         help="positions of kept tokens: keep the original ones or make them contiguous "
                              "(default: %(default)s)")
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, path=args.model_path)
     ppm_dir = args.ppm or (bundled_ppm(args.model) if args.strategy == "ppm" else None)
     ppm = PruningModule.load(ppm_dir) if ppm_dir else None
-    strategy = make_strategy(args.strategy, language_model=model.language_model, ppm=ppm, seed=args.seed)
+    strategy = make_strategy(args.strategy, language_model=model.language_model, ppm=ppm, seed=args.seed,
+                             relevance_weight=args.relevance_weight)
     start = time.perf_counter()
     out = generate(model, [args.image], [args.question], strategy=strategy, budget=args.budget,
                    position_policy=args.position_policy, sampling=sampling)

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from covipal.budget import ALL, Budget, parse_budgets
-from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
+from covipal.cdpruner import DEFAULT_RELEVANCE_WEIGHT
+from covipal.cli import ArgumentParser, positive_int, probability, quiet_libraries, run
 from covipal.errors import CovipalError
 from covipal.models import MODEL_NAMES
 from covipal.models.base import VisionLanguageModel
@@ -167,6 +168,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate N questions (default: all 9,673)")
     parser.add_argument("--ppm", default=None, help="PPM checkpoint directory for the ppm strategy "
                         "(default: the model's bundled PPM, e.g. mini-llava's)")
+    parser.add_argument("--relevance-weight", type=probability, default=DEFAULT_RELEVANCE_WEIGHT, metavar="W",
+                        help="cdpruner: weight in [0, 1] of relevance to the question against diversity "
+                             "(default: %(default)s, the paper's)")
     parser.add_argument("--position-policy", default="keep", choices=POSITION_POLICIES, help="default: %(default)s")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question subset and the random strategy")
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     ppm_dir = args.ppm or (bundled_ppm(args.model) if "ppm" in strategy_names else None)
     ppm = PruningModule.load(ppm_dir) if ppm_dir else None
-    strategies = {name: make_strategy(name, language_model=model.language_model, ppm=ppm, seed=args.seed)
+    strategies = {name: make_strategy(name, language_model=model.language_model, ppm=ppm, seed=args.seed,
+                                      relevance_weight=args.relevance_weight)
                   for name in strategy_names}
     answers = easy_vqa.answers()
     examples = easy_vqa.sample(easy_vqa.load_split("test"), args.limit, args.seed)

@@ -3,9 +3,17 @@
     ppm       the trained Plug-and-Play Pruning Module
     random    seeded uniform noise (same seed, same picks)
     uniform   an even stride over the raster order, exactly `k` picks for any budget
-    text-sim  cosine similarity of each visual token to the mean of the question's embeddings
+    text-sim  minus the cosine similarity of each visual token to the mean of the prompt's text embeddings:
+              the tokens least like the text are kept (OpenVINO GenAI's "negative relevance" for LLaVA;
+              docs/TRAINING.md#why-text-sim-scored-below-random has the measurement)
     knorm     ViTCoP's key norm: L2 norm of the mean-over-KV-heads key at an early decoder layer;
               a smaller norm means more important, so the score is the negated norm
+    cdpruner  conditional-DPP greedy selection, relevance to the prompt weighted by `relevance_weight`
+              (covipal.cdpruner)
+    dart      pivot tokens, then the tokens least like each pivot, dropping its duplicates (covipal.dart)
+
+cdpruner and dart select sequentially; their scores rank the picks (first pick highest, the rest 0), so
+the top k of those scores are exactly the k picks.
 
 Selection is always `covipal.selection.keep_topk_in_order` (`Strategy.select`).
 """
@@ -16,11 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covipal.budget import resolve_budget
+from covipal.cdpruner import DEFAULT_RELEVANCE_WEIGHT, cdpruner_picks, check_relevance_weight
+from covipal.dart import dart_picks
 from covipal.errors import CovipalError
 from covipal.modeling_ppm import PruningModule
 from covipal.selection import keep_topk_in_order
 
-STRATEGY_NAMES = ("ppm", "random", "uniform", "text-sim", "knorm")
+STRATEGY_NAMES = ("ppm", "random", "uniform", "text-sim", "knorm", "cdpruner", "dart")
 
 
 class Strategy(nn.Module):
@@ -81,12 +92,19 @@ class UniformStrategy(Strategy):
 
 
 class TextSimilarityStrategy(Strategy):
+    """Negated cosine similarity to the mean text embedding.
+
+    In the decoder's input space every projected visual token has about the same small cosine to the text
+    (mini-llava: 0.06 +- 0.016); the tokens nearest the text's direction are the plain background ones, the
+    image's content points away from it. The positive sign kept background (below random on mini-llava).
+    """
+
     name = "text-sim"
 
     def scores(self, visual_tokens, text_embeds, text_mask, budget):
         weights = text_mask.to(text_embeds.dtype).unsqueeze(-1)  # [B, T, 1]
         query = (text_embeds * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, D]
-        return F.cosine_similarity(visual_tokens.float(), query.float().unsqueeze(1), dim=-1)  # [B, N]
+        return -F.cosine_similarity(visual_tokens.float(), query.float().unsqueeze(1), dim=-1)  # [B, N]
 
 
 class KeyNormStrategy(Strategy):
@@ -128,8 +146,43 @@ class KeyNormStrategy(Strategy):
         return -keys.float().norm(dim=-1)  # [B, N]
 
 
+def rank_scores(picks: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Scores `[B, N]` whose top k are the picks `[B, k]` (in pick order): k - t for the t-th pick, else 0."""
+    batch, k = picks.shape
+    ranks = torch.arange(k, 0, -1, dtype=torch.float32, device=picks.device).expand(batch, -1)  # [B, k]
+    return torch.zeros(batch, num_tokens, device=picks.device).scatter(1, picks, ranks)
+
+
+class CDPrunerStrategy(Strategy):
+    """CDPruner (covipal.cdpruner): DPP over visual-token similarity, conditioned on relevance to the text."""
+
+    name = "cdpruner"
+
+    def __init__(self, relevance_weight: float = DEFAULT_RELEVANCE_WEIGHT, negative_relevance: bool = True):
+        super().__init__()
+        self.relevance_weight = check_relevance_weight(relevance_weight)
+        self.negative_relevance = negative_relevance
+
+    def scores(self, visual_tokens, text_embeds, text_mask, budget):
+        k = resolve_budget(budget, visual_tokens.shape[1])
+        picks = cdpruner_picks(visual_tokens, text_embeds, text_mask, k, self.relevance_weight,
+                               self.negative_relevance)
+        return rank_scores(picks, visual_tokens.shape[1])
+
+
+class DartStrategy(Strategy):
+    """DART (covipal.dart) on the input embeddings: pivots, then each pivot's least similar tokens."""
+
+    name = "dart"
+
+    def scores(self, visual_tokens, text_embeds, text_mask, budget):
+        k = resolve_budget(budget, visual_tokens.shape[1])
+        return rank_scores(dart_picks(visual_tokens, text_embeds, text_mask, k), visual_tokens.shape[1])
+
+
 def make_strategy(name: str, *, language_model: nn.Module | None = None, ppm: PruningModule | None = None,
-                  seed: int = 0, knorm_layer: int = 1) -> Strategy:
+                  seed: int = 0, knorm_layer: int = 1,
+                  relevance_weight: float = DEFAULT_RELEVANCE_WEIGHT) -> Strategy:
     """A strategy by name; `ppm` needs a PruningModule, `knorm` the model's decoder stack."""
     if name == "ppm":
         if ppm is None:
@@ -145,4 +198,8 @@ def make_strategy(name: str, *, language_model: nn.Module | None = None, ppm: Pr
         if language_model is None:
             raise CovipalError("strategy 'knorm' needs the model's decoder")
         return KeyNormStrategy(language_model, knorm_layer)
+    if name == "cdpruner":
+        return CDPrunerStrategy(relevance_weight)
+    if name == "dart":
+        return DartStrategy()
     raise CovipalError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_NAMES)}")

@@ -69,4 +69,6 @@ def tiny_export(tmp_path_factory) -> Path:
     from covipal_export.export.exporter import ExportOptions, export_model
 
     out = tmp_path_factory.mktemp("tiny-export") / "tiny-b8"
-    return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, verify=False)).directory
+    # strategy ppm: its random PPM, so the runtime tests exercise the PPM graph (the default is a training-free rule)
+    return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, strategy="ppm",
+                                      verify=False)).directory

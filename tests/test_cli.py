@@ -45,7 +45,7 @@ def test_help_explains_every_flag():
     result = run("-m", "covipal", "--help")
     assert result.returncode == 0
     for flag in ("--model", "--model-path", "--strategy", "--budget", "--ppm", "--position-policy",
-                 "--max-new-tokens", "--temperature", "--top-p", "--seed", "--json"):
+                 "--max-new-tokens", "--temperature", "--top-p", "--seed", "--json", "--relevance-weight"):
         assert flag in result.stdout
 
 
@@ -56,6 +56,8 @@ def test_help_explains_every_flag():
     (["--strategy", "magic"], "argument --strategy: invalid choice: 'magic'"),
     (["--strategy", "ppm", "--budget", "8"], "strategy 'ppm' needs a trained PPM checkpoint"),
     (["--ppm", "/nonexistent/ppm"], "no PPM checkpoint at /nonexistent/ppm"),
+    (["--strategy", "cdpruner", "--relevance-weight", "1.5"],
+     "argument --relevance-weight: expected a number in [0, 1], got 1.5"),
 ])
 def test_bad_arguments(args, message):
     assert_one_line_error(run("-m", "covipal", IMAGE, "What is it?", *args), message)

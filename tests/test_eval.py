@@ -94,14 +94,15 @@ def test_parsers():
 def test_cli_json_records(tmp_path):
     out = tmp_path / "eval.json"
     result = subprocess.run([sys.executable, "-m", "covipal.eval", "--model", "tiny-random-llava", "--budgets",
-                             "all,16,32", "--strategies", "uniform,knorm", "--limit", "6", "--json", str(out),
+                             "all,16,32", "--strategies", "uniform,knorm,cdpruner,dart", "--relevance-weight", "0.3",
+                             "--limit", "6", "--json", str(out),
                              "--plot", str(tmp_path / "plot.png")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| strategy | k=16 | k=32 | all tokens | majority |" in result.stdout
     data = json.loads(out.read_text())
     assert [(r["strategy"], r["budget"], r["n"]) for r in data["records"]] == [
-        ("none", "all", 6), ("uniform", 16, 6), ("uniform", 32, 6), ("knorm", 16, 6), ("knorm", 32, 6)]
+        ("none", "all", 6), *((name, k, 6) for name in ("uniform", "knorm", "cdpruner", "dart") for k in (16, 32))]
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(data["baselines"]) == {"all_tokens", "majority"} and data["baselines"]["majority"]["answer"] == "yes"
 
@@ -110,6 +111,8 @@ def test_cli_json_records(tmp_path):
     (["--budgets", "all,-1"], "--budgets takes positive integers and 'all', got '-1'"),
     (["--strategies", "magic"], "unknown strategy 'magic'"),
     (["--limit", "0"], "argument --limit: expected a positive integer, got 0"),
+    (["--strategies", "cdpruner", "--relevance-weight", "-0.1"],
+     "argument --relevance-weight: expected a number in [0, 1], got -0.1"),
 ])
 def test_cli_errors(args, message):
     result = subprocess.run([sys.executable, "-m", "covipal.eval", "--model", "tiny-random-llava", *args],

@@ -30,7 +30,12 @@ from covipal_export import names
 from covipal_export.export.exporter import ExportOptions, export_model, install, writable_parent
 from covipal_export.export.graphs import graph_specs, shape_ranges
 from covipal_export.export.onnx_export import export_graph
-from covipal_export.export.pruning_choice import check_strategy, choose_pruning
+from covipal_export.export.pruning_choice import (
+    EXPORTABLE_STRATEGIES,
+    TRAINING_FREE_DEFAULT,
+    check_strategy,
+    choose_pruning,
+)
 from covipal_export.export.verify import verify_export
 from covipal_export.manifest import describe_files, load_manifest
 from covipal_export.runtime.ort_backend import OrtBackend
@@ -43,9 +48,9 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """tiny-random-llava exported once (fp32, budget 8, verified during export)."""
+    """tiny-random-llava exported once (fp32, budget 8, its random PPM, verified during export)."""
     out = tmp_path_factory.mktemp("export") / "tiny-b8"
-    return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out))
+    return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, strategy="ppm"))
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +221,13 @@ def test_training_free_strategies_export_the_same_way(tiny, tmp_path, strategy_n
 
 
 def test_strategy_choice(tiny, tmp_path):
-    assert choose_pruning(tiny, None, None, 8, "keep", 0)[1].strategy == "ppm"  # random model: a seeded random PPM
+    strategy, pruning = choose_pruning(tiny, None, None, 8, "keep", 0)  # no trained PPM: the measured default
+    assert strategy.name == pruning.strategy == TRAINING_FREE_DEFAULT.strategy and pruning.ppm is None
+    assert TRAINING_FREE_DEFAULT.evidence in pruning.note and "without a trained PPM" in pruning.note
+    assert TRAINING_FREE_DEFAULT.strategy in EXPORTABLE_STRATEGIES
+    for random_ppm in (choose_pruning(tiny, "ppm", None, 8, "keep", 0),  # random weights: a seeded random PPM
+                       choose_pruning(tiny, None, None, 8, "keep", 0, random_ppm=True)):  # export.py --random-weights
+        assert random_ppm[1].strategy == "ppm" and random_ppm[1].ppm.seed == 0
     checkpoint = PruningModule(default_ppm_config(64, 64, dim=32)).save(tmp_path / "ppm")
     strategy, pruning = choose_pruning(tiny, None, checkpoint, 8, "keep", 0)
     assert pruning.ppm.checkpoint == str(checkpoint.resolve()) and pruning.ppm.config["dim"] == 32
@@ -227,11 +238,16 @@ def test_strategy_choice(tiny, tmp_path):
     pretrained = copy.copy(tiny)
     pretrained.info = ModelInfo("some-llava", "a local checkpoint")
     strategy, pruning = choose_pruning(pretrained, None, None, 8, "keep", 0)
-    assert strategy.name == pruning.strategy == "text-sim" and "no --ppm given" in pruning.note
+    assert strategy.name == pruning.strategy == TRAINING_FREE_DEFAULT.strategy and "pass --ppm CKPT" in pruning.note
+    assert choose_pruning(pretrained, "text-sim", None, 8, "keep", 0)[1].note == "training-free strategy text-sim"
     with pytest.raises(CovipalError, match="strategy 'ppm' needs a trained PPM for some-llava"):
         choose_pruning(pretrained, "ppm", None, 8, "keep", 0)
     with pytest.raises(CovipalError, match="strategy 'random' cannot be exported"):
         check_strategy("random", None)
+    for name in ("cdpruner", "dart"):
+        with pytest.raises(CovipalError, match=f"strategy '{name}' cannot be exported: it picks .* choose one of: "
+                                               f"ppm, uniform, text-sim$"):
+            check_strategy(name, None)
     with pytest.raises(CovipalError, match="--ppm is only used by --strategy ppm"):
         check_strategy("uniform", checkpoint)
     with pytest.raises(CovipalError, match="tiny-random-llava has a fixed architecture"):
@@ -285,10 +301,13 @@ def test_fp16_export_succeeds_and_reports_its_differences(tmp_path):
     result = run_export("--model", "tiny-random-llava", "--budget", "8", "--dtype", "fp16", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert f"to {out}" in result.stdout and "verification of" in result.stdout and "(fp16; " in result.stdout
+    # no --ppm, no --strategy: the output and the manifest name the measured training-free rule and why
+    default = TRAINING_FREE_DEFAULT
+    assert f"pruning: {default.strategy}, " in result.stdout and default.evidence in result.stdout
     for stage in names.STAGES:
         assert f"{stage:<10} " in result.stdout
     manifest = load_manifest(out)
-    assert manifest.model.dtype == "fp16"
+    assert manifest.model.dtype == "fp16" and TRAINING_FREE_DEFAULT.evidence in manifest.pruning.note
     assert manifest.graphs[names.DECODER].input("past_key_values.0.key").dtype == "float16"
     assert manifest.graphs[names.VISION].input(names.PIXEL_VALUES).dtype == "float32"
     assert manifest.graphs[names.PRUNE].outputs[2].dtype == "float32"  # scores
@@ -300,6 +319,7 @@ def test_fp16_export_succeeds_and_reports_its_differences(tmp_path):
     (["--budget", "-3"], "argument --budget: expected a positive integer, got -3"),
     (["--budget", "65"], "budget 65 is larger than the 64 visual tokens of tiny-random-llava"),
     (["--budget", "8", "--strategy", "knorm"], "strategy 'knorm' cannot be exported"),
+    (["--budget", "8", "--strategy", "cdpruner"], "strategy 'cdpruner' cannot be exported"),
     (["--budget", "8", "--layers", "1"], "--layers needs --random-weights"),
     (["--budget", "8", "--out", "{existing}"], "already exists; pass --force to replace it"),
     (["--budget", "8", "--out", "{file}/sub"], "is not a directory"),

@@ -75,7 +75,8 @@ def hand_built_prefill(tiny, batch, kept_index, policy):
 
 
 @pytest.mark.parametrize("policy", ["keep", "compact"])
-@pytest.mark.parametrize("strategy_name, budget", [("uniform", 16), ("random", 6), ("text-sim", 25), ("knorm", 8)])
+@pytest.mark.parametrize("strategy_name, budget", [("uniform", 16), ("random", 6), ("text-sim", 25), ("knorm", 8),
+                                                    ("cdpruner", 10), ("dart", 12)])
 @pytest.mark.parametrize("rows", [[0], [1, 2]])
 def test_pruned_equals_hand_built_reference(tiny, images, questions, policy, strategy_name, budget, rows):
     batch = tiny.processor([images[i] for i in rows], [questions[i] for i in rows])

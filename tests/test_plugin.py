@@ -105,7 +105,7 @@ def test_kernel_on_cuda_equals_the_cpu():
 def ppm_onnx(request, tmp_path_factory) -> Path:
     """ppm.onnx of tiny-random-llava (its random PPM) as export.py writes it."""
     model = load_reference_model("tiny-random-llava", dtype=request.param, random_weights=True)
-    strategy, _ = choose_pruning(model, None, None, 8, "keep", 0)
+    strategy, _ = choose_pruning(model, "ppm", None, 8, "keep", 0)
     spec_ = next(s for s in graph_specs(model, strategy, shape_ranges(model, 4), 8, True) if s.stage == names.PRUNE)
     directory = tmp_path_factory.mktemp(f"ppm-{request.param}")
     export_graph(spec_, directory, 20)

@@ -246,3 +246,31 @@ def test_cli_errors(tmp_path, args, message):
     result = train(*args, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_own_llava_checkpoint_gets_a_ppm_that_exports(tiny, tmp_path):
+    """`covipal.train --model llava-1.5-7b --model-path DIR --data FILE.json` on a LLaVA saved in the Hugging Face
+    layout (tiny-random-llava's weights), then `export.py --ppm` on its output, verified against PyTorch."""
+    from test_models import hf_processor
+
+    from covipal_export.export.exporter import ExportOptions, export_model
+
+    checkpoint = tmp_path / "my-llava"
+    tiny.hf_model.save_pretrained(checkpoint)
+    hf_processor(tiny).save_pretrained(checkpoint)
+    data = write_dataset(tmp_path, 4)
+    result = subprocess.run([sys.executable, "-m", "covipal.train", "--model", "llava-1.5-7b", "--model-path",
+                             str(checkpoint), "--data", str(data), "--stage", "1", "--labels", "answer-gradient",
+                             "--target", "normal-rank", "--steps", "30", "--batch-size", "4", "--lr", "3e-3",
+                             "--dim", "16", "--blocks", "1", "--label-batch-size", "3", "--out", str(tmp_path / "ppm"),
+                             "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "ppm" / "config.json").read_text())["metadata"]
+    assert record["model"] == "llava-1.5-7b" and record["model_source"] == str(checkpoint)
+    assert record["loss_last_20"] < record["loss_first_20"] and "seeded subset of 8 examples" in record["data"]
+
+    export = export_model(ExportOptions(model="llava-1.5-7b", model_path=checkpoint, ppm=tmp_path / "ppm", budget=8,
+                                        out=tmp_path / "export"))
+    pruning = export.manifest.pruning
+    assert pruning.strategy == "ppm" and pruning.ppm.checkpoint == str((tmp_path / "ppm").resolve())
+    assert pruning.ppm.config["dim"] == 16 and export.report is not None and export.report.passed

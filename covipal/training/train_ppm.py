@@ -11,6 +11,8 @@ optional KL to the unpruned model's answer distribution. Stage 2 usually starts 
 checkpoint (`--init`).
 
 Data: `easy-vqa` (its train split) or a LLaVA-Instruct style JSON file (`--image-root` for its images).
+Model: a registered name; a LLaVA alias (llava-1.5-7b, llava-1.5-13b) reads its checkpoint from `--model-path`
+(a directory in the Hugging Face layout) or the Hugging Face cache, so one's own checkpoint gets its own PPM.
 The frozen visual tokens (and for stage 1 the labels) of the training examples are computed once and
 cached on disk. Deterministic for a seed; `OUT/train_state.pt` makes an interrupted run resume; the
 checkpoint is the PPM's format with the command, data, seed and final loss in its metadata.
@@ -32,6 +34,7 @@ from covipal.budget import ALL, parse_budgets
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.errors import CovipalError
 from covipal.modeling_ppm import PruningModule, default_ppm_config, weights_sha256
+from covipal.models import MODEL_NAMES
 from covipal.models.base import VisionLanguageModel
 from covipal.models.processing import load_image
 from covipal.pruning import prune_prompt
@@ -189,7 +192,11 @@ def stage2_loss(model: VisionLanguageModel, data: TrainingSet, rows: list[int], 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m covipal.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mini-llava", help="registered model (default: %(default)s)")
+    parser.add_argument("--model", default="mini-llava", choices=MODEL_NAMES, metavar="NAME",
+                        help=f"registered model: {', '.join(MODEL_NAMES)} (default: %(default)s)")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="local checkpoint directory (Hugging Face layout) for a LLaVA alias, e.g. one's own "
+                             "fine-tuned LLaVA-1.5-7B (default: the Hugging Face cache)")
     parser.add_argument("--data", default="easy-vqa",
                         help="'easy-vqa' (train split) or a LLaVA-Instruct style JSON file")
     parser.add_argument("--image-root", type=Path, default=None,
@@ -231,6 +238,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--kl-weight", type=float, default=0.0, help="stage 2: weight of the KL to the unpruned model")
     parser.add_argument("--seed", type=int, default=0, help="seed for the data subset, initialisation and order")
     parser.add_argument("--save-every", type=positive_int, default=50, help="resume point every N steps")
+    parser.add_argument("--label-batch-size", type=positive_int, default=16,
+                        help="stage 1: examples per pass of the frozen model while labelling (lower it for a large "
+                             "model: answer-gradient labels keep every layer's activations) (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="cache of visual tokens and labels "
                         "(default: %(default)s)")
     return parser
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     from covipal.models import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, path=args.model_path)
     model.requires_grad_(False)
     guide_layer = default_guide_layer(model) if args.guide_layer is None else args.guide_layer
     if stage == 2 and max(budgets) >= model.num_visual_tokens:
@@ -263,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         ppm = PruningModule(default_ppm_config(model.hidden_size, model.num_visual_tokens, args.dim, args.blocks))
     examples = load_examples(args.data, args.image_root, args.limit, args.seed)
     data = build_training_set(model, examples, args.labels if stage == 1 else None, guide_layer, args.cache_dir,
-                              teacher_ppm=teacher_ppm)
+                              batch_size=args.label_batch_size, teacher_ppm=teacher_ppm)
 
     optimizer = torch.optim.AdamW(ppm.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(args.seed)

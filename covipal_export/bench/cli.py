@@ -73,9 +73,8 @@ def build_parser() -> ArgumentParser:
                         help="decoder layers to build, with --random-weights (stated in the output)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="default: %(default)s")
     parser.add_argument("--strategy", choices=STRATEGY_NAMES, default=None, metavar="S",
-                        help="pruning strategy of the export (default: export.py's: the PPM for random weights and "
-                             "mini-llava's bundled PPM, "
-                             "else text-sim)")
+                        help="pruning strategy of the export (default: export.py's: a random PPM for --random-weights, "
+                             "mini-llava's bundled PPM, else the measured training-free default)")
     parser.add_argument("--ppm", type=Path, default=None, help="trained PPM checkpoint directory for the export")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                         help="where exports are cached and reused (default: %(default)s)")

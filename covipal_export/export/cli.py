@@ -37,8 +37,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="default: %(default)s")
     parser.add_argument("--ppm", type=Path, default=None, help="trained PPM checkpoint directory")
     parser.add_argument("--strategy", choices=STRATEGY_NAMES, default=None, metavar="S",
-                        help="scoring strategy in ppm.onnx: ppm, uniform or text-sim (default: the PPM with --ppm "
-                             "or random weights, else text-sim)")
+                        help="scoring strategy in ppm.onnx: ppm, uniform or text-sim (default: the PPM with --ppm, "
+                             "a bundled PPM, or a random PPM with --random-weights; else the training-free rule that "
+                             "measured best, named in the output and the manifest)")
     parser.add_argument("--position-policy", choices=POSITION_POLICIES, default="keep",
                         help="default positions of kept tokens, recorded in the manifest (default: %(default)s)")
     parser.add_argument("--model-path", type=Path, default=None,

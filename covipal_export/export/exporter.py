@@ -64,7 +64,7 @@ class ExportOptions:
     budget: Budget  # the manifest's default budget; "all" exports with N
     out: Path | None = None  # default: engines/<model>-b<budget> (names.DEFAULT_ROOT)
     dtype: Literal["fp32", "fp16"] = "fp32"
-    strategy: str | None = None  # None: the PPM if there is one, else text-sim (see reference.py)
+    strategy: str | None = None  # None: the PPM if there is one, else the measured default (pruning_choice)
     ppm: Path | None = None  # a trained PPM checkpoint directory
     position_policy: Literal["keep", "compact"] = "keep"  # the manifest's default; the graphs serve both
     model_path: Path | None = None  # a local checkpoint directory (LLaVA aliases)
@@ -123,7 +123,7 @@ def export_model(options: ExportOptions) -> ExportResult:
                                          seed=options.seed)
             budget = resolve_budget(options.budget, model.num_visual_tokens, options.model)
             strategy, pruning = choose_pruning(model, options.strategy, options.ppm, budget,
-                                               options.position_policy, options.seed)
+                                               options.position_policy, options.seed, options.random_weights)
             ranges = shape_ranges(model, options.max_batch)
         scratch = make_scratch(parent, options.out)
         try:
