@@ -5,6 +5,8 @@ backend), the benchmark and export verification all pick and feed back tokens th
 `generate` takes images and questions (the chat template is applied by the model's processor);
 `generate_from_batch` takes already-built `PromptBatch` tensors. Greedy when temperature == 0,
 otherwise temperature + top-p sampling from a seeded generator. Rows stop at EOS (padded after).
+`start_decode` prefills with the KV-cache method asked for (`covipal.kv_compression`) and returns the step
+the loop feeds; "none" is the model's own Hugging Face cache.
 """
 
 from __future__ import annotations
