@@ -18,7 +18,6 @@ import torch
 
 from covipal.budget import ALL, Budget
 from covipal.errors import CovipalError
-from covipal.kv_cache import CompressedDecoder, dynamic_cache_bytes
 from covipal.kv_compression import KVConfig
 from covipal.models.base import VisionLanguageModel
 from covipal.models.processing import ImageInput, PromptBatch
@@ -145,6 +144,9 @@ def start_decode(model: VisionLanguageModel, inputs_embeds: torch.Tensor, attent
                  position_ids: torch.Tensor, kv: KVConfig) -> tuple[torch.Tensor, DecodeStep, Callable[[], int]]:
     """Prefill `inputs_embeds [B, L, D]` with the KV method of `kv`: (logits [B, V], the decode step, the most
     KV bytes held so far). "none" is the model's own cache; other methods run `covipal.kv_cache`."""
+    # imported here: transformers' Llama modeling pulls in torch.onnx, which the runtime must not load
+    from covipal.kv_cache import CompressedDecoder, dynamic_cache_bytes
+
     if kv.method != "none":
         decoder = CompressedDecoder(model, kv)
         logits = decoder.prefill(inputs_embeds, attention_mask, position_ids)
