@@ -10,6 +10,7 @@ from typing import NoReturn
 from covipal.budget import ALL, budget_arg
 from covipal.cdpruner import DEFAULT_RELEVANCE_WEIGHT
 from covipal.cli import ArgumentParser, positive_int, probability, quiet_libraries, run
+from covipal.kv_compression import KV_METHODS, KVConfig, kv_budget_arg
 from covipal.models import MODEL_NAMES
 from covipal.pruning import POSITION_POLICIES
 from covipal.strategies import STRATEGY_NAMES
@@ -39,6 +40,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and the random strategy")
+    parser.add_argument("--kv-method", default="none", choices=KV_METHODS, metavar="M",
+                        help=f"KV-cache compression during decode: {', '.join(KV_METHODS)} (default: %(default)s)")
+    parser.add_argument("--kv-budget", type=kv_budget_arg, default=0.4,
+                        help="prompt KV kept per layer on average: a fraction in (0, 1] such as 0.4, or a token "
+                             "count such as 512 (default: %(default)s; ignored by --kv-method none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                              relevance_weight=args.relevance_weight)
     start = time.perf_counter()
     out = generate(model, [args.image], [args.question], strategy=strategy, budget=args.budget,
-                   position_policy=args.position_policy, sampling=sampling)
+                   position_policy=args.position_policy, sampling=sampling,
+                   kv=KVConfig(args.kv_method, args.kv_budget))
     elapsed_ms = (time.perf_counter() - start) * 1e3
     kept = out.kept_index.shape[1]
     pruned = kept < out.num_visual_tokens
@@ -67,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"answer": out.texts[0], "model": args.model, "strategy": args.strategy if pruned else None,
                           "tokens_kept": kept, "tokens_total": out.num_visual_tokens,
                           "kept_index": out.kept_index[0].tolist(), "new_tokens": out.sequences.shape[1],
-                          "elapsed_ms": round(elapsed_ms, 1)}))
+                          "elapsed_ms": round(elapsed_ms, 1), "kv_method": args.kv_method,
+                          "kv_budget": None if args.kv_method == "none" else args.kv_budget,
+                          "kv_bytes": out.kv_bytes}))
     else:
         print(out.texts[0])
         how = f"{args.strategy}, positions {args.position_policy}" if pruned else "no pruning"

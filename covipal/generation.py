@@ -5,6 +5,8 @@ backend), the benchmark and export verification all pick and feed back tokens th
 `generate` takes images and questions (the chat template is applied by the model's processor);
 `generate_from_batch` takes already-built `PromptBatch` tensors. Greedy when temperature == 0,
 otherwise temperature + top-p sampling from a seeded generator. Rows stop at EOS (padded after).
+`start_decode` prefills with the KV-cache method asked for (`covipal.kv_compression`) and returns the step
+the loop feeds; "none" is the model's own Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from covipal.budget import ALL, Budget
 from covipal.errors import CovipalError
+from covipal.kv_compression import KVConfig
 from covipal.models.base import VisionLanguageModel
 from covipal.models.processing import ImageInput, PromptBatch
 from covipal.pruning import prune_prompt
@@ -51,6 +54,7 @@ class GenerationOutput:
     num_visual_tokens: int  # N
     prefill_length: int  # tokens in the pruned prompt, L - N + k
     extra: dict = field(default_factory=dict)
+    kv_bytes: int = 0  # the most KV-cache bytes held during decode (after prefill, before the last token)
 
 
 def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -119,25 +123,46 @@ def generate_from_batch(
     budget: Budget = ALL,
     position_policy: str = "keep",
     sampling: SamplingConfig | None = None,
+    kv: KVConfig | None = None,
 ) -> GenerationOutput:
     sampling = sampling or SamplingConfig()
+    kv = kv or KVConfig()
     visual = model.encode_images(batch.pixel_values)  # [B, N, D]
     embeds = model.embed_prompt(batch.input_ids)  # [B, L, D]; image slots filled in by prune_prompt
     prompt = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
                           strategy, budget, position_policy)
+    logits, step, kv_bytes = start_decode(model, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids, kv)
+    tokens = decode_loop(logits, prompt.attention_mask, prompt.position_ids, step, sampling,
+                         eos_token_ids(model), pad_token_id(model))
+    sequences = torch.stack(list(tokens), dim=1)  # [B, n]
+    texts = [model.processor.decode(row) for row in sequences.tolist()] if model.processor is not None else []
+    return GenerationOutput(sequences, texts, prompt.kept_index, prompt.scores, visual.shape[1],
+                            prompt.inputs_embeds.shape[1], kv_bytes=kv_bytes())
+
+
+def start_decode(model: VisionLanguageModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, kv: KVConfig) -> tuple[torch.Tensor, DecodeStep, Callable[[], int]]:
+    """Prefill `inputs_embeds [B, L, D]` with the KV method of `kv`: (logits [B, V], the decode step, the most
+    KV bytes held so far). "none" is the model's own cache; other methods run `covipal.kv_cache`."""
+    # imported here: transformers' Llama modeling pulls in torch.onnx, which the runtime must not load
+    from covipal.kv_cache import CompressedDecoder, dynamic_cache_bytes
+
+    if kv.method != "none":
+        decoder = CompressedDecoder(model, kv)
+        logits = decoder.prefill(inputs_embeds, attention_mask, position_ids)
+
+        def compressed_step(token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            return decoder.step(model.embed_tokens(token[:, None].to(position.device)), position)
+
+        return logits, compressed_step, lambda: decoder.peak_bytes
     cache = model.new_cache()
-    logits = model.decode(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids, cache)  # [B, 1, V]
+    logits = model.decode(inputs_embeds, attention_mask, position_ids, cache)  # [B, 1, V]
 
     def step(token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         embeds = model.embed_tokens(token[:, None].to(mask.device))  # [B, 1, D]
         return model.decode(embeds, mask, position, cache)[:, -1]  # [B, V]
 
-    tokens = decode_loop(logits[:, -1], prompt.attention_mask, prompt.position_ids, step, sampling,
-                         eos_token_ids(model), pad_token_id(model))
-    sequences = torch.stack(list(tokens), dim=1)  # [B, n]
-    texts = [model.processor.decode(row) for row in sequences.tolist()] if model.processor is not None else []
-    return GenerationOutput(sequences, texts, prompt.kept_index, prompt.scores, visual.shape[1],
-                            prompt.inputs_embeds.shape[1])
+    return logits[:, -1], step, lambda: dynamic_cache_bytes(cache)
 
 
 def generate(
@@ -149,8 +174,10 @@ def generate(
     budget: Budget = ALL,
     position_policy: str = "keep",
     sampling: SamplingConfig | None = None,
+    kv: KVConfig | None = None,
 ) -> GenerationOutput:
-    """Answer one question per image with pruned visual tokens (budget "all": no pruning)."""
+    """Answer one question per image with pruned visual tokens (budget "all": no pruning) and the KV-cache
+    method of `kv` (default: the full cache)."""
     batch = model.require_processor()(images, questions)
     return generate_from_batch(model, batch, strategy=strategy, budget=budget,
-                               position_policy=position_policy, sampling=sampling)
+                               position_policy=position_policy, sampling=sampling, kv=kv)

@@ -1,0 +1,206 @@
+"""The LM's decoder on a compressed KV cache (`covipal.kv_compression`): per-layer, per-head lengths.
+
+Hugging Face caches hold one length per layer for all heads; eviction per head and the codebook need
+more, so this runs a Llama-family decoder (LlamaModel and kin: q/k/v/o projections, RoPE, RMSNorm,
+MLP) layer by layer with the model's own modules, keeping for each layer:
+
+    EvictedLayer   post-RoPE keys and values [B, H, T, D] + valid [B, H, T] (H = KV heads)
+    CodebookLayer  per query head: refs, norms and positions [B, Hq, T] for K and V, valid [B, Hq, T],
+                   and one K and one V codebook [C, D] per row and KV head; keys are rebuilt as
+                   codebook[ref] x norm and RoPE'd again at each step (transiently, one layer at a time)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+from covipal.errors import CovipalError
+from covipal.kv_compression import (
+    KVConfig,
+    build_codebook,
+    codebook_layer_count,
+    keep_indices,
+    mean_keep,
+    merge_or_add,
+    pyramid_budgets,
+    window_scores,
+)
+
+
+def held_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def dynamic_cache_bytes(cache) -> int:
+    """KV bytes a Hugging Face DynamicCache holds (the full cache)."""
+    return sum(held_bytes(layer.keys, layer.values) for layer in cache.layers if layer.keys is not None)
+
+
+class EvictedLayer:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+        self.keys, self.values, self.valid = keys, values, valid  # [B, H, T, D] x 2, [B, H, T]
+
+    def append(self, keys_pre: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
+               groups: int) -> None:
+        """One decode token: keys/values [B, Hkv, 1, D] (post-RoPE)."""
+        self.keys = torch.cat([self.keys, keys], dim=2)
+        self.values = torch.cat([self.values, values], dim=2)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(*self.valid.shape[:2], 1)], dim=2)
+
+    def read(self, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.keys, self.values, self.valid
+
+    def nbytes(self) -> int:
+        return held_bytes(self.keys, self.values, self.valid)
+
+
+class CodebookLayer:
+    """Survivors unfolded to the query heads, K (pre-RoPE) and V replaced by codebook[ref] x norm."""
+
+    def __init__(self, keys_pre: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, index: torch.Tensor,
+                 valid: torch.Tensor, config: KVConfig):
+        # keys_pre, values: [B, Hkv, L, D]; positions: [B, L]; index, valid: [B, Hq, k]
+        batch, kv_heads = keys_pre.shape[:2]
+        self.groups = index.shape[1] // kv_heads
+        self.thresholds = (config.threshold_k, config.threshold_v)
+        self.valid = valid
+        self.positions = positions.gather(1, index.flatten(1)).view_as(index).to(torch.int32)
+        self.books: list[list[list[torch.Tensor]]] = [[], []]  # [K or V][b][g] -> [C, D]
+        self.refs, self.norms = [], []  # per K, V: [B, Hq, k] int32, [B, Hq, k]
+        for which, source in enumerate((keys_pre, values)):
+            unfolded = source.repeat_interleave(self.groups, dim=1)  # [B, Hq, L, D]
+            kept = unfolded.gather(2, index[..., None].expand(-1, -1, -1, source.shape[-1]))  # [B, Hq, k, D]
+            refs = torch.zeros(index.shape, dtype=torch.long)
+            for b in range(batch):
+                self.books[which].append([])
+                for g in range(kv_heads):
+                    heads = slice(g * self.groups, (g + 1) * self.groups)
+                    tokens = index[b, heads][valid[b, heads]].unique()  # a token kept by several heads once
+                    entries, token_ref = build_codebook(source[b, g, tokens], self.thresholds[which])
+                    lookup = torch.zeros(source.shape[2], dtype=torch.long)
+                    lookup[tokens] = token_ref
+                    refs[b, heads] = lookup[index[b, heads]]
+                    self.books[which][b].append(entries if entries.shape[0] else source.new_zeros(1, source.shape[-1]))
+            self.refs.append(refs.to(torch.int32))
+            self.norms.append(kept.norm(dim=-1).masked_fill(~valid, 0))
+
+    def append(self, keys_pre: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
+               groups: int) -> None:
+        """One decode token: keys_pre/values [B, Hkv, 1, D] merge into an entry or extend the codebook."""
+        batch, kv_heads = keys_pre.shape[:2]
+        for which, source in enumerate((keys_pre, values)):
+            refs = torch.empty(batch, kv_heads, dtype=torch.int32)
+            for b in range(batch):
+                for g in range(kv_heads):
+                    self.books[which][b][g], refs[b, g] = merge_or_add(self.books[which][b][g], source[b, g, 0],
+                                                                       self.thresholds[which])
+            column = refs.repeat_interleave(self.groups, dim=1)[..., None]  # [B, Hq, 1]
+            norm = source.norm(dim=-1).repeat_interleave(self.groups, dim=1)  # [B, Hq, 1]
+            self.refs[which] = torch.cat([self.refs[which], column], dim=2)
+            self.norms[which] = torch.cat([self.norms[which], norm], dim=2)
+        position = position.to(torch.int32)[:, None, :].expand(-1, self.valid.shape[1], -1)  # [B, Hq, 1]
+        self.positions = torch.cat([self.positions, position], dim=2)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(*self.valid.shape[:2], 1)], dim=2)
+
+    def rebuild(self, which: int) -> torch.Tensor:
+        """codebook[ref] x norm: [B, Hq, T, D]."""
+        rows = []
+        for b, books in enumerate(self.books[which]):
+            heads = [books[h // self.groups][self.refs[which][b, h].long()] for h in range(self.valid.shape[1])]
+            rows.append(torch.stack(heads))
+        return torch.stack(rows) * self.norms[which][..., None]
+
+    def read(self, rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = self.rebuild(0)  # [B, Hq, T, D], pre-RoPE
+        batch, heads, length, _ = keys.shape
+        cos, sin = rotary(keys, self.positions.view(batch, -1).long())  # [B, Hq*T, D]
+        cos, sin = cos.view(batch, heads, length, -1), sin.view(batch, heads, length, -1)
+        return keys * cos + rotate_half(keys) * sin, self.rebuild(1), self.valid
+
+    def nbytes(self) -> int:
+        books = [entries for per_row in self.books for row in per_row for entries in row]
+        return held_bytes(self.valid, self.positions, *self.refs, *self.norms, *books)
+
+
+class CompressedDecoder:
+    """Prefill once (compressing each layer as it goes), then one decode step per token."""
+
+    def __init__(self, model, config: KVConfig):
+        lm = model.language_model
+        if not all(hasattr(lm, name) for name in ("layers", "rotary_emb", "norm", "embed_tokens")):
+            raise CovipalError(f"KV compression supports Llama-family decoders, not {type(lm).__name__}")
+        self.model, self.lm, self.config = model, lm, config
+        self.layers: list[EvictedLayer | CodebookLayer] = []
+        self.peak_bytes = 0
+
+    def _layer(self, index: int, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               attend) -> torch.Tensor:
+        attn = layer.self_attn
+        batch, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        shape = (batch, length, -1, attn.head_dim)
+        query = attn.q_proj(normed).view(shape).transpose(1, 2)  # [B, Hq, S, D]
+        keys_pre = attn.k_proj(normed).view(shape).transpose(1, 2)  # [B, Hkv, S, D]
+        values = attn.v_proj(normed).view(shape).transpose(1, 2)
+        query, keys = apply_rotary_pos_emb(query, keys_pre, cos, sin)
+        out = attend(index, attn, query, keys_pre, keys, values)  # [B, Hq, S, D]
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
+        hidden = embeds
+        cos, sin = self.lm.rotary_emb(hidden, position_ids)
+        for index, layer in enumerate(self.lm.layers):
+            hidden = self._layer(index, layer, hidden, cos, sin, attend)
+        return self.model.lm_head(self.lm.norm(hidden[:, -1]))  # [B, V]
+
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """embeds [B, L, D], attention_mask [B, L] (left padding), position_ids [B, L] -> logits [B, V]."""
+        config, key_valid = self.config, attention_mask.bool()
+        length = embeds.shape[1]
+        num_layers = len(self.lm.layers)
+        shallow = codebook_layer_count(config, num_layers)
+        per_row = [pyramid_budgets(mean_keep(config.budget, int(n)), int(n), num_layers, config.pyramid, config.window)
+                   for n in key_valid.sum(1)]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = (causal & key_valid[:, None, None, :]) | torch.eye(length, dtype=torch.bool)  # [B, 1, L, L]
+
+        def attend(index, attn, query, keys_pre, keys, values):
+            groups = attn.num_key_value_groups
+            full_keys, full_values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+            out = F.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=mask, scale=attn.scaling)
+            scores = window_scores(query, full_keys, key_valid, attn.scaling, config.window, config.pool_kernel)
+            counts = torch.tensor([budgets[index] for budgets in per_row])
+            if index < shallow:  # unfolded: one choice per query head
+                kept, valid = keep_indices(scores, counts, key_valid)
+                self.layers.append(CodebookLayer(keys_pre, values, position_ids, kept, valid, config))
+            else:  # one choice per KV head, from the group's mean score
+                grouped = scores.unflatten(1, (-1, groups)).mean(2)  # [B, Hkv, L]
+                kept, valid = keep_indices(grouped, counts, key_valid)
+                take = kept[..., None].expand(-1, -1, -1, keys.shape[-1])
+                self.layers.append(EvictedLayer(keys.gather(2, take), values.gather(2, take), valid))
+            return out
+
+        logits = self._run(embeds, position_ids, attend)
+        self.peak_bytes = self.nbytes()
+        return logits
+
+    def step(self, embeds: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """One token: embeds [B, 1, D], position [B, 1] -> logits [B, V]; the cache grows by it."""
+        def attend(index, attn, query, keys_pre, keys, values):
+            layer = self.layers[index]
+            layer.append(keys_pre, keys, values, position, attn.num_key_value_groups)
+            held_keys, held_values, valid = layer.read(self.lm.rotary_emb)
+            repeat = query.shape[1] // held_keys.shape[1]
+            held_keys, held_values = held_keys.repeat_interleave(repeat, 1), held_values.repeat_interleave(repeat, 1)
+            valid = valid.repeat_interleave(repeat, 1)[:, :, None, :]  # [B, Hq, 1, T]
+            return F.scaled_dot_product_attention(query, held_keys, held_values, attn_mask=valid, scale=attn.scaling)
+
+        logits = self._run(embeds, position, attend)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+        return logits
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
