@@ -46,9 +46,8 @@ class MeasuredDefault:
 TRAINING_FREE_DEFAULT = MeasuredDefault(
     "uniform",
     "on mini-llava's easy-VQA test questions uniform scored 86.4/83.7/68.5 % at 64/32/16 tokens "
-    "(1,000 questions), the best training-free rule that exports; on the first 288 of the 1,000 "
-    "questions it scored 84.4/72.6 at 32/16, text-sim 64.9/54.5, and cdpruner and dart, which do not "
-    "export, 85.1/68.4 and 78.5/71.9 (docs/TRAINING.md)",
+    "(1,000 questions), the best training-free rule that exports; text-sim scored 83.7/64.5/55.1, and "
+    "cdpruner and dart, which do not export, 86.0/83.0/68.4 and 83.0/76.9/69.5 (docs/TRAINING.md)",
 )
 
 
