@@ -92,7 +92,7 @@ def _decode(source: Path | io.BytesIO, what: str) -> Image.Image:
         with Image.open(source) as opened:
             opened.load()
             return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise CovipalError(f"cannot read image {what}: {exc}") from None
 
 

@@ -6,13 +6,13 @@ same messages (a `CovipalError` each). The budget and the context length are the
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from covipal.budget import Budget, check_budget
 from covipal.errors import CovipalError
+from covipal.models.processing import load_image
 
 MB = 1 << 20
 
@@ -50,13 +50,9 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
         raise CovipalError(f"the image is {len(data) / MB:.1f} MB, more than the {limits.max_image_bytes / MB:.0f} MB "
                            f"this server takes")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return opened.convert("RGB")
-    except UnidentifiedImageError:
-        raise CovipalError(f"the image cannot be decoded: {len(data)} bytes in no image format PIL reads") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise CovipalError(f"the image cannot be decoded ({len(data)} bytes): {exc}") from None
+        return load_image(data)
+    except CovipalError as exc:  # covipal's decoding, the one the Pipeline runs on bytes
+        raise CovipalError(f"the image cannot be decoded: {exc}") from None
 
 
 def make_question(image: Image.Image, question: str, limits: Limits, budget: Budget | None = None,
