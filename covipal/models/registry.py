@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,10 @@ def _random_llava(name: str, spec: LlavaSpec, num_layers: int | None, dtype: tor
 
 def _pretrained_llava(name: str, checkpoint: Path, dtype: torch.dtype,
                       device: str | torch.device) -> VisionLanguageModel:
-    hf_model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa")
+    _check_config(name, checkpoint)
+    _check_weights(name, checkpoint)
+    hf_model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa",
+                                                             use_safetensors=True)
     hf_model = hf_model.to(device).eval()
     processor = _load_processor(checkpoint, num_visual_tokens(hf_model.config))
     return adapter_from_hf(hf_model, ModelInfo(name, str(checkpoint)), processor)
@@ -138,9 +142,63 @@ def _cached_snapshot(repo_id: str) -> Path | None:
         return None
 
 
+def _check_config(name: str, checkpoint: Path) -> None:
+    """Refuse a config that is not LLaVA's, or that is another registered alias's checkpoint."""
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+        text = config.get("text_config", {})
+    except (OSError, ValueError, AttributeError) as error:
+        raise CovipalError(f"{name}: unreadable config.json in {checkpoint}: {error}") from None
+    if config.get("model_type") != "llava":
+        raise CovipalError(f"{name}: {checkpoint}/config.json is a {config.get('model_type')!r} model, not a LLaVA "
+                           f"checkpoint (model_type 'llava')")
+    shape = (text.get("hidden_size"), text.get("num_hidden_layers"))
+    for other, spec in LLAVA_SPECS.items():
+        if other != name and shape == (spec.hidden_size, spec.num_layers):
+            raise CovipalError(f"{name}: the checkpoint in {checkpoint} is {other}'s (hidden size {shape[0]}, "
+                               f"{shape[1]} layers); pass --model {other}")
+
+
+def _check_weights(name: str, checkpoint: Path) -> None:
+    """Safetensors only, every shard present: refuse pickle checkpoints and incomplete downloads in one line."""
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise CovipalError(f"{name}: unreadable {index}: {error}") from None
+        missing = [shard for shard in shards if not (checkpoint / shard).is_file()]
+        if missing:
+            raise CovipalError(f"{name}: {checkpoint} lacks {len(missing)} of {len(shards)} weight shards "
+                               f"({', '.join(missing)}); download the checkpoint again")
+        return
+    if (checkpoint / "model.safetensors").is_file():
+        return
+    if any(checkpoint.glob("pytorch_model*.bin")):
+        raise CovipalError(f"{name}: {checkpoint} holds only pickle weights (pytorch_model*.bin), which are never "
+                           f"loaded; use the safetensors checkpoint (model*.safetensors)")
+    raise CovipalError(f"{name}: no safetensors weights in {checkpoint} (expected model.safetensors or "
+                       f"model.safetensors.index.json and its shards)")
+
+
+def _cache_snapshot_dir(path: Path, repo_id: str) -> Path | None:
+    """The snapshot in a Hugging Face cache layout at path (models--ORG--NAME, or the cache holding it), or None."""
+    repo_dir = path / f"models--{repo_id.replace('/', '--')}"
+    repo_dir = repo_dir if repo_dir.is_dir() else path
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    found = sorted(p for p in snapshots.iterdir() if (p / "config.json").is_file())
+    return found[0] if len(found) == 1 else None
+
+
 def _find_checkpoint(name: str, spec: LlavaSpec, path: str | Path | None) -> Path:
     if path is not None:
         path = Path(path)
+        path = _cache_snapshot_dir(path, spec.repo_id) or path
         if not (path / "config.json").is_file():
             raise CovipalError(f"{name}: no checkpoint at {path} (expected config.json and weights there)")
         return path
