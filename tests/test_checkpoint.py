@@ -62,7 +62,7 @@ def test_pickle_only_checkpoint_is_refused(tiny, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "llama"}, "is a 'llama' model, not a LLaVA checkpoint"),
-    ({"text_config": {"hidden_size": 5120, "num_hidden_layers": 40}}, "is llava-1.5-13b.s .* pass --model 13b"),
+    ({"text_config": {"hidden_size": 5120, "num_hidden_layers": 40}}, "is llava-1.5-13b.s .* --model llava-1.5-13b"),
 ])
 def test_mismatched_config_is_refused(sharded, change, message):
     config = json.loads((sharded / "config.json").read_text())
