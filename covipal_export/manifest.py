@@ -111,8 +111,9 @@ class QuantizationSpec:
 
     bits: int  # 4 or 8
     block_size: int  # group size along each weight's input dimension
-    method: str  # "rtn": round to nearest; "gptq": ONNX Runtime's GPTQ, calibrated
-    symmetric: bool  # no zero points (TensorRT's dequantize takes none)
+    method: str  # "rtn": round to nearest; "q4_1": llama.cpp's Q4_1 grid; "gptq": ONNX Runtime's GPTQ, calibrated
+    symmetric: bool  # the grid is centred on zero (q4_1's is not: its block minimum is an offset; no form has zero
+    # points, which TensorRT's dequantize takes none of)
     accuracy_level: int  # MatMulNBits' compute type in ONNX Runtime (4: int8 activations inside the kernel)
     layers: str  # which MatMuls, in words
     quantized_matmuls: list[str]  # the MatMul nodes of the export-dtype graph that were quantized
@@ -120,6 +121,7 @@ class QuantizationSpec:
     calibration: dict[str, str | int] | None  # {"data": in words, "count": pairs} for gptq; None for rtn
     library: str  # the quantizer, with its version
     trt_file: str  # the TensorRT form: the same weights as DequantizeLinear -> MatMul (decoder.qdq.onnx)
+    block_offsets: bool = False  # each quantized MatMul has a block-offset MatMul beside it (q4_1's minimum)
 
     def summary(self) -> str:
         """"int4 rtn, block 32" (", LM head too" when it is quantized)."""

@@ -89,7 +89,9 @@ def test_an_unavailable_backend_is_a_skipped_row(report):
     (("--budgets", "8", "--backends", "ort,onnx"), "unknown backend 'onnx' in --backends"),
     (("--budgets", "8", "--backends", "ort", "--layers", "2"), "--layers needs --random-weights"),
     (("--budgets", "8", "--backends", "ort", "--variants", "fp32,int3"),
-     "unknown variant 'int3' in --variants; choose from: fp32, int8, int4"),
+     "unknown variant 'int3' in --variants; choose from the export's --dtype, int8, int4, int4-rtn, int4-q4_1"),
+    (("--budgets", "8", "--backends", "ort", "--variants", "fp32,int4-gptq"), "unknown variant 'int4-gptq'"),
+    (("--budgets", "8", "--backends", "ort", "--variants", "int8-q4_1"), "--quant-method q4_1 is a 4-bit grid"),
     (("--budgets", "8", "--backends", "ort", "--variants", "fp16,int4"), "unknown variant 'fp16' in --variants"),
     (("--budgets", "8", "--backends", "ort", "--quant-lm-head"), "--quant-lm-head needs an int8 or int4 variant"),
 ])
@@ -120,18 +122,19 @@ def test_plot_without_matplotlib_is_one_line_exit_2(capsys, monkeypatch, tmp_pat
 
 def test_variants_run_side_by_side_on_quantized_copies(capsys, report, work_dir):
     out = work_dir / "variants.json"
-    args = ("--model", "tiny-random-llava", "--budgets", "8", "--backends", "torch,ort", "--variants", "fp32,int4",
+    args = ("--model", "tiny-random-llava", "--budgets", "8", "--backends", "torch,ort", "--variants",
+            "fp32,int4,int4-q4_1",
             "--work-dir", str(work_dir), "--no-verify", "--repeats", "1", "--warmup", "0", "--new-tokens", "3",
             "--threads", "1", "--json", str(out))
     code, table, err = bench(capsys, *args)
     assert code == 0, err
-    assert "quantizing a copy of" in err and "decoder weights: fp32; int4 rtn, block 32" in table
+    assert "quantizing a copy of" in err and "decoder weights: fp32; int4 rtn, block 32; int4 q4_1, block 32" in table
     variants = json.loads(out.read_text())
     records = {(r["backend"], r["variant"], r["budget"]): r for r in variants["records"]}
     assert set(records) == {("torch", "fp32", 64), ("torch", "fp32", 8), ("ort", "fp32", 64), ("ort", "fp32", 8),
-                            ("ort", "int4", 64), ("ort", "int4", 8)}
+                            ("ort", "int4", 64), ("ort", "int4", 8), ("ort", "int4-q4_1", 64), ("ort", "int4-q4_1", 8)}
     skipped = variants["skipped"]  # the PyTorch reference has no int4 decoder
-    assert [(s["backend"], s["variant"]) for s in skipped] == [("torch", "int4")]
+    assert [(s["backend"], s["variant"]) for s in skipped] == [("torch", "int4"), ("torch", "int4-q4_1")]
     assert "--backend torch rebuilds the PyTorch model" in skipped[0]["reason"]
     fp32, int4 = records[("ort", "fp32", 8)], records[("ort", "int4", 8)]
     assert int4["decoder_mb"] < fp32["decoder_mb"]  # tiny: the fp32 LM head is most of it

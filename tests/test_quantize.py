@@ -96,6 +96,81 @@ def test_both_forms_hold_the_same_integers_and_scales(int4_export, tiny_export):
         assert np.all(error[inside] <= np.abs(scale[inside]) / 2 + 1e-6) and np.all(error <= np.abs(scale) + 1e-6), name
 
 
+@pytest.fixture(scope="module")
+def q4_1_export(tiny_export, tmp_path_factory) -> Path:
+    """tiny-random-llava's export with a Q4_1 int4 decoder (--quant-method q4_1)."""
+    return quantized_copy(tiny_export, tmp_path_factory.mktemp("q4_1"), QuantOptions("int4", 32, "q4_1"))
+
+
+def rebuilt(weight: QuantizedWeight) -> np.ndarray:
+    """The weight [K, N] a quantized MatMul multiplies by: q * scale, plus the block offset where there is one."""
+    per_row = weight.scales if weight.offsets is None else np.stack([weight.scales, weight.offsets])
+    expanded = np.repeat(per_row, weight.block_size, axis=-2)[..., : weight.q.shape[0], :]
+    return weight.q * expanded if weight.offsets is None else weight.q * expanded[0] + expanded[1]
+
+
+def test_q4_1_keeps_llama_cpps_grid_in_both_forms_and_verifies(q4_1_export, tiny_export):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from covipal_export.export.verify import verify_export
+
+    quantization = load_manifest(q4_1_export).quantization
+    assert (quantization.bits, quantization.block_size, quantization.method) == (4, 32, "q4_1")
+    assert not quantization.symmetric and quantization.block_offsets and quantization.summary() == "int4 q4_1, block 32"
+    assert quantization.library.startswith("gguf.quants Q4_1 (llama.cpp's quantizer, gguf-py ")
+    ort_form, trt_form = onnx.load(q4_1_export / "decoder.onnx"), onnx.load(q4_1_export / "decoder.qdq.onnx")
+    assert all(len(n.input) == 3 for n in ort_form.graph.node if n.op_type == "MatMulNBits"), "no zero points"
+    assert all(len(n.input) == 2 for n in trt_form.graph.node if n.op_type == "DequantizeLinear"), "no zero points"
+    assert [o.domain for o in trt_form.opset_import] == [""]
+    mine, theirs = quantized_weights(ort_form), quantized_weights(trt_form)
+    assert mine.keys() == theirs.keys() and len(mine) == 14
+    assert all(mine[k].same_as(theirs[k]) and mine[k].offsets is not None for k in mine)
+    assert all(w.q.min() >= -8 and w.q.max() <= 7 and (w.scales > 0).all() for w in mine.values())
+    # the rebuilt weights are llama.cpp's Q4_1 rounding of the fp32 export's, through gguf-py's reference quantizer
+    original = weights_by_matmul(tiny_export / "decoder.onnx")
+    for name, weight in mine.items():
+        w = original[name.removesuffix("_Q4")]
+        want = dequantize(quantize(np.ascontiguousarray(w.T), GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1).T
+        assert np.allclose(rebuilt(weight), want, rtol=0, atol=1e-6 * np.abs(w).max()), name
+        assert not np.allclose(rebuilt(weight), w, rtol=0, atol=1e-6 * np.abs(w).max()), "random weights move"
+    report = verify_export(q4_1_export, polygraphy=False)
+    assert report.passed, report.table()
+    rows = {check.what: check for check in report.checks}
+    assert rows["decoder.qdq.onnx: the weights and scales of decoder.onnx"].result == "14 weights identical"
+    assert float(rows["decoder.qdq.onnx prefill logits vs decoder.onnx max |diff|"].result) == 0.0
+
+
+def test_q4_1_loses_nothing_on_weights_already_on_a_q4_1_grid():
+    """A model whose weights came from a Q4_1 GGUF (mini-llava's SmolLM2) gets them back exactly."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from covipal_export.export.q4_1 import ZERO, quantize_q4_1
+
+    w = np.random.default_rng(0).normal(size=(96, 40)).astype(np.float32)  # [K, N]
+    w[:32, 3] = 0.25  # a constant block: Q4_1's scale is 0 there, replaced by a tiny positive one
+    on_grid = dequantize(quantize(np.ascontiguousarray(w.T), GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1).T
+    q, d, m = quantize_q4_1(on_grid)
+    assert (d > 0).all() and q.min() >= 0 and q.max() <= 15
+    weight = QuantizedWeight((q.reshape(40, 96).T - ZERO).astype(np.int8), d.T, 4, 32, (m + ZERO * d).T)
+    assert np.allclose(rebuilt(weight), on_grid, rtol=0, atol=2e-7 * np.abs(on_grid).max())
+    assert rebuilt(weight)[0, 3] == np.float32(0.25)
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(p) for p in MINI_PACKAGES), reason="needs the mini extra")
+def test_q4_1_gives_mini_llava_its_gguf_weights_back(mini_demo_export, tmp_path):
+    """mini-llava's decoder layers are SmolLM2's Q4_1 GGUF, dequantized: q4_1 finds that grid again, weight for
+    weight (the LM head, Q8_0 in the file, stays fp32 without --quant-lm-head)."""
+    out = quantized_copy(mini_demo_export, tmp_path, QuantOptions("int4", 32, "q4_1"))
+    original = weights_by_matmul(mini_demo_export / "decoder.onnx")
+    weights = quantized_weights(onnx.load(out / "decoder.onnx"))
+    assert len(weights) == 210
+    worst = max(float(np.abs(rebuilt(w) - original[name.removesuffix("_Q4")]).max()
+                    / np.abs(original[name.removesuffix("_Q4")]).max()) for name, w in weights.items())
+    assert worst < 1e-6, worst  # fp32 rounding of m + 8 d only
+
+
 def test_a_decoder_with_external_weights_comes_back_in_one_file(tiny_export, tmp_path):
     """A big fp32 decoder has its weights in decoder.onnx.data; its quantized weights fit in one file again."""
     out = tmp_path / "external"
@@ -174,6 +249,9 @@ def run_export(*args: str) -> subprocess.CompletedProcess:
     (["--quant", "int4", "--calib", "4"], "--calib needs a calibrated --quant-method (gptq); rtn rounds each weight"),
     (["--calib", "4"], "--calib needs --quant int8 or int4"),
     (["--quant", "int8", "--quant-method", "gptq"], "--quant-method gptq writes int4 only"),
+    (["--quant", "int8", "--quant-method", "q4_1"], "--quant-method q4_1 is a 4-bit grid (llama.cpp's Q4_1)"),
+    (["--quant", "int4", "--quant-method", "q4_1", "--quant-block", "64"],
+     "--quant-method q4_1 quantizes blocks of 32 weights (llama.cpp's Q4_1), got --quant-block 64"),
     (["--quant", "int4", "--quant-method", "gptq", "--calib", "29"],  # no usable calibration data: 7 images x 4
      "--calib 29: tiny-random-llava calibrates on the 7 bundled images with 4 generic questions each, 28 pairs"),
 ])
@@ -194,20 +272,22 @@ def test_quantizing_twice_is_refused(int4_export, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="needs TensorRT-RTX (the trt-rtx extra) to build engines without a GPU")
-def test_tensorrt_rtx_builds_the_int4_qdq_decoder_and_refuses_int8_in_one_line(tiny_export, tmp_path, request):
+def test_tensorrt_rtx_builds_the_int4_qdq_decoders_and_refuses_int8_in_one_line(tiny_export, tmp_path, request):
+    """int4 rtn and q4_1 (its block offsets are standard ops) build; int8 rtn has negative scales, refused."""
     from covipal.errors import CovipalError
     from covipal_export.build.engines import build_engines
 
     sources = [tiny_export]
     if all(importlib.util.find_spec(p) for p in MINI_PACKAGES):
         sources.append(request.getfixturevalue("mini_demo_export"))
-    for source in sources:
-        out = quantized_copy(source, tmp_path, QuantOptions("int4"))
+    for source, options in [(s, o) for s in sources for o in (QuantOptions("int4"), QuantOptions("int4", 32, "q4_1"))]:
+        out = quantized_copy(source, tmp_path / options.chosen_method, options)
         infos = {info.stage: info for info in build_engines(out, module="tensorrt_rtx")}
         decoder = infos[names.DECODER]
         assert decoder.onnx_file == "decoder.qdq.onnx" and decoder.target == "sm89"
         assert decoder.onnx_sha256 == load_manifest(out).files["decoder.qdq.onnx"].sha256
         assert (out / names.ENGINE_DIR / "decoder.engine").stat().st_size > 0
+    for source in sources:
         out = quantized_copy(source, tmp_path, QuantOptions("int8"))
         with pytest.raises(CovipalError, match="Scale coefficients must all be positive.*export with --quant int4 "
                                                "for TensorRT") as error:

@@ -43,7 +43,7 @@ from covipal_export.bench.report import (
 from covipal_export.bench.worker import BACKEND_NAMES, WorkerSpec, device_name, serve
 from covipal_export.engine_info import engine_path
 from covipal_export.export.pruning_choice import ppm_checkpoint
-from covipal_export.export.quantize import DEFAULT_BLOCK, QUANT_BITS, QuantOptions, quantize_export
+from covipal_export.export.quantize import DEFAULT_BLOCK, QUANT_BITS, UNCALIBRATED, QuantOptions, quantize_export
 from covipal_export.manifest import Manifest, load_manifest
 from covipal_export.names import DECODER, DEFAULT_ROOT, MANIFEST_FILE, STAGES
 
@@ -62,7 +62,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--variants", default=None, metavar="LIST",
                         help="comma-separated decoder weights measured side by side: the export's --dtype and int8, "
                              "int4 (a copy of the export with export.py's --quant, RTN, block "
-                             f"{DEFAULT_BLOCK}); default: --dtype alone")
+                             f"{DEFAULT_BLOCK}), int4-q4_1 (--quant-method q4_1); default: --dtype alone")
     parser.add_argument("--quant-lm-head", action="store_true",
                         help="the int8/int4 variants quantize the LM head too (export.py's --quant-lm-head)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the records as JSON to OUT")
@@ -103,16 +103,23 @@ def parse_backends(text: str) -> list[str]:
 
 
 def parse_variants(text: str | None, dtype: str) -> list[str]:
-    """The decoder weights to measure, in order: the export dtype (unquantized) and/or int8, int4."""
+    """The decoder weights to measure, in order: the export dtype (unquantized) and/or int8, int4, int4-q4_1."""
     if text is None:
         return [dtype]
     variants = list(dict.fromkeys(part.strip() for part in text.split(",")))
-    allowed = [dtype, *(q for q in QUANT_BITS if q != "none")]
     for name in variants:
-        if name not in allowed:
-            raise CovipalError(f"unknown variant {name!r} in --variants; choose from: {', '.join(allowed)} "
-                               f"(the unquantized variant is the export's --dtype)")
+        if name != dtype:
+            variant_options(name, lm_head=False)  # a variant the bench cannot make is refused here
     return variants
+
+
+def variant_options(variant: str, lm_head: bool) -> QuantOptions:
+    """A quantized variant's options: QUANT or QUANT-METHOD (int8, int4, int4-q4_1; methods without calibration)."""
+    quant, _, method = variant.partition("-")
+    if quant not in QUANT_BITS or quant == "none" or (method and method not in UNCALIBRATED):
+        choices = ", ".join(["int8", "int4", *(f"int4-{m}" for m in UNCALIBRATED)])
+        raise CovipalError(f"unknown variant {variant!r} in --variants; choose from the export's --dtype, {choices}")
+    return QuantOptions(quant, method=method or None, lm_head=lm_head)
 
 
 def resolve_budgets(budgets: list[Budget], num_visual: int) -> list[int]:
@@ -175,7 +182,7 @@ def quantized_variant(base: Path, variant: str, lm_head: bool) -> tuple[Path, Ma
     end)."""
     from covipal_export.runtime.export_dir import open_export
 
-    options = QuantOptions(variant, lm_head=lm_head)
+    options = variant_options(variant, lm_head)
     directory = base.with_name(f"{base.name}-{variant}" + ("-lm-head" if lm_head else ""))
     if directory.exists():
         try:

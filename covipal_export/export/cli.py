@@ -66,9 +66,11 @@ def build_parser() -> ArgumentParser:
                             f"(default: %(default)s)")
     quant.add_argument("--quant-method", choices=METHODS, default=None,
                        help="rtn: round to nearest on a symmetric grid, one scale a block (default with --quant); "
-                            "gptq (int4): ONNX Runtime's GPTQ on --calib real prompts (in onnxruntime 1.32 it "
-                            "compensates nothing and scores below rtn: docs/BENCHMARKS.md); awq: not available, "
-                            "refused with the reason")
+                            "q4_1 (int4, blocks of 32): llama.cpp's Q4_1 grid, a scale and a minimum a block, the "
+                            "minimum added by a small block-offset MatMul (keeps a Q4_1 GGUF's weights exactly: "
+                            "mini-llava); gptq (int4): ONNX Runtime's GPTQ on --calib real prompts (in onnxruntime "
+                            "1.32 it compensates nothing and scores below rtn: docs/BENCHMARKS.md); awq: not "
+                            "available, refused with the reason")
     quant.add_argument("--calib", type=positive_int, default=None, metavar="N",
                        help=f"(image, question) pairs a calibrated method sees: easy-VQA train for mini-llava, the "
                             f"bundled images with generic questions otherwise (default: {DEFAULT_CALIB})")

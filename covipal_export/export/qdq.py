@@ -9,6 +9,7 @@ The QDQ form stores the same q as an INT4 / INT8 initializer [K, N] and the scal
 `DequantizeLinear(axis=0, block_size)` (opset 21, no zero point) rebuilds W before a plain MatMul, which
 TensorRT builds as weight-only quantization. Repacking is exact: both forms hold the same integers and
 scales (`quantized_weights` reads either form back, and the tests compare them bit for bit).
+The Q4_1 grid (`q4_1.py`) adds a block-offset MatMul beside each quantized one, the same in both forms.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from covipal_export.export.q4_1 import OFFSETS_SUFFIX
 
 QDQ_OPSET = 21  # blocked DequantizeLinear
 INT_TYPES = {4: TensorProto.INT4, 8: TensorProto.INT8}
@@ -33,6 +36,19 @@ class QuantizedWeight:
     scales: np.ndarray  # [K/block, N], the activations' dtype
     bits: int
     block_size: int
+    offsets: np.ndarray | None = None  # [K/block, N] per-block offsets (the Q4_1 grid's minimum), or None
+
+    def same_as(self, other: "QuantizedWeight") -> bool:
+        """The same grid, and bit-identical integers, scales and offsets."""
+        same_offsets = (self.offsets is None and other.offsets is None) or (
+            self.offsets is not None and other.offsets is not None and np.array_equal(self.offsets, other.offsets))
+        return ((self.bits, self.block_size) == (other.bits, other.block_size) and np.array_equal(self.q, other.q)
+                and np.array_equal(self.scales, other.scales) and same_offsets)
+
+
+def _offsets(name: str, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    tensor = initializers.get(name + OFFSETS_SUFFIX)
+    return None if tensor is None else numpy_helper.to_array(tensor)
 
 
 def nbits_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> QuantizedWeight:
@@ -48,7 +64,7 @@ def nbits_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]
     else:
         values = packed.reshape(n, -1)
     q = (values.astype(np.int16) - (1 << (bits - 1)))[:, :k]  # [N, K] (K padded up to whole blocks)
-    return QuantizedWeight(q.T.astype(np.int8), scales.T.copy(), bits, block)
+    return QuantizedWeight(q.T.astype(np.int8), scales.T.copy(), bits, block, _offsets(node.name, initializers))
 
 
 def pack_int4(q: np.ndarray) -> bytes:
@@ -73,7 +89,8 @@ def dq_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -
         q, bits = unpack_int4(tensor.raw_data, tuple(tensor.dims)), 4
     else:
         q, bits = numpy_helper.to_array(tensor).astype(np.int8), 8
-    return QuantizedWeight(q, numpy_helper.to_array(initializers[node.input[1]]), bits, attributes["block_size"])
+    return QuantizedWeight(q, numpy_helper.to_array(initializers[node.input[1]]), bits, attributes["block_size"],
+                           _offsets(node.name.removesuffix("_dq"), initializers))
 
 
 def quantized_weights(model: onnx.ModelProto) -> dict[str, QuantizedWeight]:

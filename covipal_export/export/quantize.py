@@ -12,6 +12,9 @@ symmetric grid (no zero points, which TensorRT's dequantize rejects) in blocks o
 weight's input dimension:
 
     rtn    `onnxruntime.quantization.MatMulNBitsQuantizer`: round to nearest, int8 or int4, in seconds
+    q4_1   llama.cpp's Q4_1 through gguf-py: round to nearest between each block's minimum and maximum, a scale and
+           a minimum per 32 weights; int4, blocks of 32; the minimum becomes a block-offset MatMul (`q4_1.py`), so
+           both forms still have no zero points. It keeps a Q4_1 GGUF's grid exactly (mini-llava's SmolLM2)
     gptq   `onnxruntime.quantization.neural_compressor.weight_only.gptq_quantize` (what MatMulNBitsQuantizer runs for
            its GPTQWeightOnlyQuantConfig; called directly so the LM head can stay out), fed each layer's inputs on
            `--calib` real prompts (`calibration.py`); int4 only (its 8-bit result is not packed). In onnxruntime
@@ -39,12 +42,16 @@ import onnxruntime
 from covipal.errors import CovipalError
 from covipal_export import names
 from covipal_export.export.calibration import CalibrationSet, calibration_pairs, decoder_feeds
+from covipal_export.export.q4_1 import BLOCK as Q4_1_BLOCK
+from covipal_export.export.q4_1 import library as q4_1_library
+from covipal_export.export.q4_1 import rewrite_q4_1
 from covipal_export.export.qdq import save_model, write_qdq_form
 from covipal_export.manifest import GraphSpec, Manifest, QuantizationSpec, describe_files, save_manifest
 
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "q4_1", "gptq", "awq")
 CALIBRATED = ("gptq", "awq")
+UNCALIBRATED = tuple(method for method in METHODS if method not in CALIBRATED)  # rtn, q4_1: each weight alone
 DEFAULT_CALIB = 16  # (image, question) pairs; about a minute each for mini-llava here (see docs/BENCHMARKS.md)
 AWQ_UNAVAILABLE = (
     "--quant-method awq is not available: ONNX Runtime's only AWQ (nvidia_awq) runs NVIDIA ModelOpt's ONNX "
@@ -89,6 +96,12 @@ class QuantOptions:
                                f"weight on its own")
         if self.calib is not None and self.calib < 1:
             raise CovipalError(f"--calib must be at least 1, got {self.calib}")
+        if self.method == "q4_1" and self.bits != 4:
+            raise CovipalError("--quant-method q4_1 is a 4-bit grid (llama.cpp's Q4_1); use --quant int4, or rtn "
+                               "for int8")
+        if self.method == "q4_1" and self.block != Q4_1_BLOCK:
+            raise CovipalError(f"--quant-method q4_1 quantizes blocks of {Q4_1_BLOCK} weights (llama.cpp's Q4_1), "
+                               f"got --quant-block {self.block}")
         if self.method == "gptq" and self.bits != 4:
             raise CovipalError("--quant-method gptq writes int4 only (ONNX Runtime's GPTQ packs 4-bit MatMulNBits; "
                                "its 8-bit result is not quantized); use --quant int4, or rtn for int8")
@@ -165,7 +178,9 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
     quantized = [name for name in candidates if name not in excluded]
     if not quantized:
         raise CovipalError(f"{graph.file} has no MatMul with a constant weight to quantize")
-    if options.chosen_method == "gptq":
+    if options.chosen_method == "q4_1":
+        model = rewrite_q4_1(model, quantized, ACCURACY_LEVEL)
+    elif options.chosen_method == "gptq":
         if not feeds:
             raise CovipalError("--quant-method gptq needs calibration inputs (none were given)")
         model = _run_gptq(model, options, quantized, feeds)
@@ -177,11 +192,12 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
     qdq_file = write_qdq_form(path, path.with_name(path.stem + QDQ_SUFFIX))
     layers = (f"{len(quantized)} of {len(candidates)} MatMuls with constant weights (every linear layer"
               f"{', the LM head included' if options.lm_head else '; not the LM head'})")
+    library = (q4_1_library() if options.chosen_method == "q4_1" else LIBRARIES[options.chosen_method])
     spec = QuantizationSpec(bits=options.bits, block_size=options.block, method=options.chosen_method,
-                            symmetric=True, accuracy_level=ACCURACY_LEVEL, layers=layers,
+                            symmetric=options.chosen_method != "q4_1", accuracy_level=ACCURACY_LEVEL, layers=layers,
                             quantized_matmuls=quantized, lm_head=options.lm_head, calibration=None,
-                            library=f"{LIBRARIES[options.chosen_method]} (onnxruntime {onnxruntime.__version__})",
-                            trt_file=qdq_file.name)
+                            library=f"{library} (onnxruntime {onnxruntime.__version__})", trt_file=qdq_file.name,
+                            block_offsets=options.chosen_method == "q4_1")
     return graph, spec
 
 

@@ -242,8 +242,7 @@ class Verifier:
         trt_form = onnx.load(directory / quantization.trt_file)
         mine, theirs = quantized_weights(ort_form), quantized_weights(trt_form)
         same = mine.keys() == theirs.keys() and len(mine) == len(quantization.quantized_matmuls) and all(
-            np.array_equal(mine[k].q, theirs[k].q) and np.array_equal(mine[k].scales, theirs[k].scales)
-            and (mine[k].bits, mine[k].block_size) == (theirs[k].bits, theirs[k].block_size) for k in mine)
+            mine[k].same_as(theirs[k]) for k in mine)
         self.add("forms", f"{quantization.trt_file}: the weights and scales of {graph_name(self.manifest)}",
                  f"{len(mine)} weights identical" if same else "differ", same)
         feeds = self.feeds[names.DECODER]
