@@ -187,6 +187,7 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
     else:
         model = _run_quantizer(model, options, excluded)
     save_model(model, path)  # one file again when the quantized weights fit in protobuf's 2 GB
+    del model  # write_qdq_form reads the file: one quantized model in memory at a time
     external = path.name + ".data" if path.with_name(path.name + ".data").exists() else None
     graph = GraphSpec(graph.file, external, graph.inputs, graph.outputs)
     qdq_file = write_qdq_form(path, path.with_name(path.stem + QDQ_SUFFIX))
