@@ -9,8 +9,8 @@ for some questions only. The key holds all of it, so a call whose prefix differs
     key     BLAKE2b of the frame's digest (`vision_cache.digest`), the prefix's token ids and attention mask, the
             kept indices and the prefix's position ids (which the position policy, keep or compact, gives)
     value   the decoder's KV of the prefix, p = (text before the image) + k positions, where the backend keeps
-            it; 2 x layers x Hkv x p x Dh values: 3.1 MB for mini-llava at k=64, 9.2 MB at "all" (fp32);
-            ~71 MB for LLaVA-1.5-7B (fp16) at k=128
+            it; 2 x layers x Hkv x p x Dh values: 2.9 MiB for mini-llava at k=64, 8.7 MiB at "all" (fp32);
+            ~67 MiB for LLaVA-1.5-7B (fp16) at k=128
     miss    the call prefills its whole prompt, as without the cache; a copy of its KV's first p positions is
             kept (`Backend.copy_cache`)
     hit     the call continues from the kept prefix (its own copy where the backend writes caches in place),
@@ -37,7 +37,7 @@ from covipal_export.manifest import Manifest
 from covipal_export.runtime.backend import Backend, KVCache
 from covipal_export.runtime.lru import BytesLRU, CacheCounts
 
-DEFAULT_MB = 256.0  # 28 frames of mini-llava at "all"; 3 of LLaVA-1.5-7B (fp16) at k=128, none at "all" (~300 MB)
+DEFAULT_MB = 256.0  # 29 prefixes of mini-llava at "all"; 3 of LLaVA-1.5-7B (fp16) at k=128, none at "all" (~290 MiB)
 
 
 class PrefixCache(BytesLRU[KVCache]):
