@@ -15,8 +15,8 @@ NEW_TOKENS = 12  # random weights: every call decodes all of them (ignore_eos as
 
 @pytest.fixture(scope="module")
 def pipes(tiny_export: Path) -> dict[str, Pipeline]:
-    """Per backend, the vision cache off: every call runs the encoder, so threads run it at the same time."""
-    return {name: Pipeline.from_dir(tiny_export, backend=name, threads=1, vision_cache_mb=0)
+    """Per backend, both caches off: every call runs every stage, so threads run them at the same time."""
+    return {name: Pipeline.from_dir(tiny_export, backend=name, threads=1, vision_cache_mb=0, prefix_cache_mb=0)
             for name in ("ort", "torch")}
 
 

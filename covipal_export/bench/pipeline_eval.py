@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     directory = args.engine_dir or find_engine_dir()
-    pipe = Pipeline.from_dir(directory, backend=args.backend, vision_cache_mb=0)  # covipal.eval's batches, bit for bit
+    # covipal.eval's batches, bit for bit: every row encoded and prefilled whole
+    pipe = Pipeline.from_dir(directory, backend=args.backend, vision_cache_mb=0, prefix_cache_mb=0)
     examples = easy_vqa.sample(easy_vqa.load_split("test"), args.limit, args.seed)
     result = compare(pipe, examples, args.budget, args.batch_size, reference=args.compare)
     print(report(result, directory, args.seed))

@@ -82,7 +82,7 @@ class Worker:
         manifest = open_export(self.directory, check_files=False)  # the parent checked the files
         backend, reason = choose_backend(self.directory, manifest, spec.backend, spec.threads)
         self.pipe = Pipeline(self.directory, manifest, prompt_processor(self.directory, manifest), backend, reason,
-                             vision_cache_mb=0)  # every call is timed with its vision encoder
+                             vision_cache_mb=0, prefix_cache_mb=0)  # every call timed with every stage
         self.prompt = PromptSource(manifest, self.pipe, spec)
         self.selection_inputs = selection_inputs(backend, self.prompt.batch())  # for timing the selection alone
         self.memory = PeakMemory()

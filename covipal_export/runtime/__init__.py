@@ -11,7 +11,10 @@ Reads nothing about a model but the directory's manifest, and imports nothing fr
     reference.py      the PyTorch model and strategy of a directory, rebuilt from the covipal registry
     selection.py      which backends are usable here, and what `auto` picks and why
     pipeline.py       `Pipeline`: preprocessing -> vision -> prune -> splice -> prefill -> the decode loop, timed
-    vision_cache.py   visual tokens by frame content (LRU, bounded in bytes): the encoder runs once per frame
+    lru.py            the map both caches are: bounded in bytes, least recently used out, shared by threads
+    vision_cache.py   visual tokens by frame content: the encoder runs once per frame
+    prefix_cache.py   the decoder KV of the text before the image + the kept visual tokens, by frame and selection:
+                      more questions about a frame prefill only their own text
     cli.py            `python run_trt.py IMAGE QUESTION` (also `covipal-run`)
 """
 

@@ -12,6 +12,8 @@ the call's KV cache and each `step` extends the cache it is given, so concurrent
     extend(cache, input_ids [B, S], attention_mask [B, P+S], position_ids [B, S]) -> logits [B, V] of the last
                                                                   new position; the cache grows by S (a chat turn)
     step(cache, token [B], attention_mask [B, P+1], position_ids [B, 1]) -> extend by one token
+    copy_cache(cache, length)                                  -> the first `length` positions of `cache`, which
+                                                                  no later extend/step changes (a shared prefix)
 
 Tensors at this interface are torch CPU tensors; each backend converts to what it runs on.
 """
@@ -77,6 +79,11 @@ class Backend(ABC):
         """Logits [B, V] (float32) after feeding one token per row; `cache` grows by one."""
         return self.extend(cache, token[:, None], attention_mask, position_ids)
 
+    @abstractmethod
+    def copy_cache(self, cache: KVCache, length: int | None = None) -> KVCache:
+        """A cache holding the first `length` positions of `cache` (None: all) that `extend`/`step` on either one
+        leave alone: how several calls continue from one cached prompt prefix."""
+
 
 class GraphBackend(Backend):
     """A backend that runs the exported graphs (ONNX Runtime sessions, TensorRT engines) through `run`."""
@@ -99,6 +106,17 @@ class GraphBackend(Backend):
     @property
     def selector(self) -> Selector:
         return self._selector
+
+    def copy_cache(self, cache: KVCache, length: int | None = None) -> KVCache:
+        # every decoder pass writes its present.* into new buffers and only reads its past: a cache's values are
+        # never written once made, so calls may share them; a shorter cache needs its own copy
+        if length is None:
+            return KVCache(list(cache.values))
+        return KVCache([self.kv_head(value, length) for value in cache.values])
+
+    @abstractmethod
+    def kv_head(self, value: Any, length: int) -> Any:
+        """The first `length` positions of one past key or value [B, Hkv, P, Dh], in new memory."""
 
 
 class GraphSelector:

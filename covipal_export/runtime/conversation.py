@@ -1,6 +1,7 @@
 """`Pipeline.chat(image)`: questions about one image in one chat, each turn reusing the KV cache of those before.
 
-    first ask     the usual call: vision (cached by frame) -> prune for this question -> prefill -> decode
+    first ask     the usual call: vision (cached by frame) -> prune for this question -> prefill (the prefix
+                  cache applies) -> decode
     follow-ups    only the new text is prefilled after the cache: the answer's last token when it is not an
                   EOS, the chat template's end of the answer and the next user turn (`PromptProcessor.follow_up`)
     pruning       follow-ups keep the first question's visual tokens (default): their KV is what the cache

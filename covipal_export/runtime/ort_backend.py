@@ -82,6 +82,10 @@ class OrtBackend(GraphBackend):
         embeds = self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS]  # [B, S, D]
         return self._decode(cache, embeds, attention_mask, position_ids)
 
+    def kv_head(self, value: ort.OrtValue, length: int) -> ort.OrtValue:
+        head = np.ascontiguousarray(value.numpy()[:, :, :length])  # [B, Hkv, length, Dh]; via the host on CUDA
+        return ort.OrtValue.ortvalue_from_numpy(head, self.device, 0)
+
     def _decode(self, cache: KVCache, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
         """One decoder pass with past = `cache`; the present outputs become `cache`."""

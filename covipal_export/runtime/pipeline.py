@@ -6,8 +6,8 @@
     for text in pipe.generate(image, question, stream=True): print(text, end="")
 
 Stages: preprocessing (tokenizer, chat template, image preprocessing: all from the directory) ->
-vision (once per frame: `vision_cache`) -> embed -> prune (budget per call) -> splice -> prefill -> decode loop
-with the KV cache.
+vision (once per frame: `vision_cache`) -> embed -> prune (budget per call) -> splice -> prefill (the prefix
+before the question's text once per frame and selection: `prefix_cache`) -> decode loop with the KV cache.
 Batches are lists of (image, question) pairs, left-padded like `covipal.models.processing`.
 
 Threads may share one Pipeline: each call keeps its own state (`_Run`: timings, tokens, the KV cache the
@@ -35,13 +35,16 @@ from covipal_export.manifest import Manifest, QuantizationSpec
 from covipal_export.runtime.backend import Backend, KVCache
 from covipal_export.runtime.conversation import Conversation
 from covipal_export.runtime.export_dir import open_export, prompt_processor
+from covipal_export.runtime.prefix_cache import DEFAULT_MB as PREFIX_MB
+from covipal_export.runtime.prefix_cache import PrefixCache
 from covipal_export.runtime.selection import choose_backend
-from covipal_export.runtime.vision_cache import DEFAULT_MB, VisionCache
+from covipal_export.runtime.vision_cache import DEFAULT_MB as VISION_MB
+from covipal_export.runtime.vision_cache import VisionCache, digest
 
 
 @dataclass
 class Timings:
-    """Milliseconds per stage (ttft: from the call to the first token, preprocessing included); vision cache counts."""
+    """Milliseconds per stage (ttft: from the call to the first token, preprocessing included); cache counts."""
 
     preprocess: float = 0.0
     vision: float = 0.0
@@ -51,6 +54,8 @@ class Timings:
     decode_per_token: float = 0.0  # mean over the steps after the first token
     vision_cache_hits: int = 0  # images whose visual tokens came from the Pipeline's vision cache (a count)
     vision_cache_misses: int = 0  # images the vision encoder ran on (a count)
+    prefix_cache_hits: int = 0  # prompts that prefilled only their text after the image, after a cached prefix KV
+    prefix_cache_misses: int = 0  # prompts prefilled whole
 
 
 @dataclass
@@ -109,24 +114,28 @@ class Pipeline:
     """One loaded export directory on one backend; `generate` may be called any number of times."""
 
     def __init__(self, directory: Path, manifest: Manifest, processor: PromptProcessor | None, backend: Backend,
-                 reason: str, vision_cache_mb: float = DEFAULT_MB):
+                 reason: str, vision_cache_mb: float = VISION_MB, prefix_cache_mb: float = PREFIX_MB):
         self.directory, self.manifest, self._processor = directory, manifest, processor
         self.backend, self.reason = backend, reason
         self.vision_cache = VisionCache(vision_cache_mb)
+        self.prefix_cache = PrefixCache(manifest, prefix_cache_mb)
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, backend: str = "auto", check_files: bool = True,
-                 threads: int | None = None, vision_cache_mb: float = DEFAULT_MB) -> "Pipeline":
+                 threads: int | None = None, vision_cache_mb: float = VISION_MB,
+                 prefix_cache_mb: float = PREFIX_MB) -> "Pipeline":
         """Open `engine_dir` from its manifest alone (files checked against their sha256) on `backend`.
 
         threads: ONNX Runtime's intra-op threads (None: its default).
         vision_cache_mb: bound of the visual tokens kept by frame content (0: run the encoder on every call).
+        prefix_cache_mb: bound of the decoder KV kept of prompt prefixes (text before the image + kept visual
+            tokens) by frame and selection (0: prefill every prompt whole).
         """
         directory = Path(engine_dir)
         manifest = open_export(directory, check_files)
         processor = prompt_processor(directory, manifest)
         chosen, reason = choose_backend(directory, manifest, backend, threads)
-        return cls(directory, manifest, processor, chosen, reason, vision_cache_mb)
+        return cls(directory, manifest, processor, chosen, reason, vision_cache_mb, prefix_cache_mb)
 
     @property
     def has_processor(self) -> bool:
@@ -215,16 +224,19 @@ class _Run:
     def prefill(self, batch: PromptBatch) -> tuple[PrunedPrompt, torch.Tensor, KVCache]:
         """Vision -> embed + prune + splice -> prefill: the pruned prompt, the last position's logits [B, V] and
         the call's cache."""
-        backend, timings = self.pipe.backend, self.timings
+        pipe, backend, timings = self.pipe, self.pipe.backend, self.timings
         mark = time.perf_counter()
-        visual, counts = self.pipe.vision_cache.encode(batch.pixel_values, backend.encode_images)  # [B, N, D]
+        caching = pipe.vision_cache.enabled or pipe.prefix_cache.enabled
+        frames = [digest(row) for row in batch.pixel_values] if caching else None  # what both caches key on
+        visual, counts = pipe.vision_cache.encode(batch.pixel_values, backend.encode_images, frames)  # [B, N, D]
         timings.vision, mark = _ms(mark), time.perf_counter()
         timings.vision_cache_hits, timings.vision_cache_misses = counts.hits, counts.misses
         prompt = backend.prune(batch.input_ids, batch.attention_mask, visual, self.k, self.position_policy)
         timings.prune, mark = _ms(mark), time.perf_counter()
         self.kept_index, self.prefill_length = prompt.kept_index.numpy(), prompt.inputs_embeds.shape[1]
-        logits, cache = backend.prefill(prompt)  # [B, V]
+        logits, cache, counts = pipe.prefix_cache.prefill(backend, batch, prompt, frames)  # [B, V]
         timings.prefill = _ms(mark)
+        timings.prefix_cache_hits, timings.prefix_cache_misses = counts.hits, counts.misses
         return prompt, logits, cache
 
     def tokens(self, batch: PromptBatch) -> Iterator[list[list[int]]]:

@@ -50,3 +50,12 @@ class TorchBackend(Backend):
                position_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.model.embed_tokens(input_ids)  # [B, S, D]
         return self.model.decode(embeds, attention_mask, position_ids, cache.values)[:, -1].float()  # [B, V]
+
+    @torch.inference_mode()
+    def copy_cache(self, cache: KVCache, length: int | None = None) -> KVCache:
+        # a decode pass appends to the DynamicCache it is given (each layer's keys and values become new tensors,
+        # torch.cat of old and new): a new DynamicCache over the same first `length` positions
+        copied = self.model.new_cache()
+        for index, layer in enumerate(cache.values.layers):
+            copied.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)  # [B, Hkv, length, Dh]
+        return KVCache(copied)

@@ -151,6 +151,12 @@ class TrtBackend(GraphBackend):
         embeds = self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS]  # [B, S, D], on the GPU
         return self._decode(cache, embeds, attention_mask, position_ids)
 
+    def kv_head(self, value: torch.Tensor, length: int) -> torch.Tensor:
+        with torch.cuda.stream(self.stream):  # the stream the engines read it on
+            head = value[:, :, :length].clone(memory_format=torch.contiguous_format)  # [B, Hkv, length, Dh]
+        self.stream.synchronize()
+        return head
+
     def _decode(self, cache: KVCache, inputs_embeds: Feed, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
         """One decoder pass with past = `cache`; the present outputs become `cache`."""

@@ -27,7 +27,8 @@ by_image = defaultdict(list)
 for example in easy_vqa.load_split("test"):
     by_image[example.image].append(example)
 pairs = [examples[:2] for examples in by_image.values() if len(examples) >= 2][: args.pairs]
-pipe = Pipeline.from_dir(args.directory, backend="ort", threads=args.threads)
+# the prefix cache off: a fresh call prefills its whole prompt (at "all" it would reuse the chat's first prefix)
+pipe = Pipeline.from_dir(args.directory, backend="ort", threads=args.threads, prefix_cache_mb=0)
 pipe.generate(pairs[-1][0].image, pairs[-1][0].question, max_new_tokens=6)  # warm-up
 report = []
 for budget in [b if b == "all" else int(b) for b in args.budgets.split(",")]:
