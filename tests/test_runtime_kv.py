@@ -18,7 +18,7 @@ from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, generate_from_batch
 from covipal.kv_compression import KVConfig
 from covipal_export import names
-from covipal_export.export.exporter import ExportOptions, export_model
+from covipal_export.export.exporter import ExportOptions, ExportResult, export_model
 from covipal_export.export.quantize import QuantOptions
 from covipal_export.manifest import load_manifest
 from covipal_export.runtime import Pipeline
@@ -33,11 +33,16 @@ BUDGET = 8  # visual tokens
 
 
 @pytest.fixture(scope="module")
-def kv_export(tmp_path_factory) -> Path:
-    """tiny-random-llava (2 layers, 4 query heads on 2 KV heads) with decoder_kv.onnx."""
+def kv_exported(tmp_path_factory) -> ExportResult:
+    """tiny-random-llava (2 layers, 4 query heads on 2 KV heads) with decoder_kv.onnx, verified."""
     out = tmp_path_factory.mktemp("kv-export") / "tiny-b8-kv"
-    return export_model(ExportOptions(model="tiny-random-llava", budget=BUDGET, out=out, strategy="ppm", verify=False,
-                                      kv_variant=True)).directory
+    return export_model(ExportOptions(model="tiny-random-llava", budget=BUDGET, out=out, strategy="ppm",
+                                      kv_variant=True))
+
+
+@pytest.fixture(scope="module")
+def kv_export(kv_exported) -> Path:
+    return kv_exported.directory
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +97,12 @@ def test_torch_backend_runs_the_same_compression(kv_export, pipe, images, questi
     theirs = pipe.generate(images[1:3], questions[1:3], budget=BUDGET, max_new_tokens=12, kv=kv)
     np.testing.assert_array_equal(mine.sequences, theirs.sequences)
     assert mine.kv_bytes == theirs.kv_bytes
+
+
+def test_export_verification_checks_each_compressed_method(kv_exported):
+    checks = {check.what: check.ok for check in kv_exported.report.checks if check.stage == "kv"}
+    assert checks == {f"{what}, {method} 0.4": True for method in ("eviction", "spindlekv")
+                      for what in ("greedy tokens", "KV bytes held")}
 
 
 def test_the_manifest_describes_the_variant(kv_export, tiny):
