@@ -8,6 +8,10 @@ MLP) layer by layer with the model's own modules, keeping for each layer:
     CodebookLayer  per query head: refs, norms and positions [B, Hq, T] for K and V, valid [B, Hq, T],
                    and one K and one V codebook [C, D] per row and KV head; keys are rebuilt as
                    codebook[ref] x norm and RoPE'd again at each step (transiently, one layer at a time)
+
+A decode token attends to the held cache and to its own exact keys and values, then joins the cache.
+`run_layers`, `layer_counts` and `compress_layer` are shared with the runtime, whose decoder_kv.onnx runs
+the same layers and whose host keeps the same layer caches (covipal_export.runtime.compressed_kv).
 """
 
 from __future__ import annotations

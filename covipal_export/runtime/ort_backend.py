@@ -4,7 +4,7 @@
     decoder   through I/O binding, so the KV cache stays in OrtValues: each step binds the previous
               step's `present.*` outputs as its `past_key_values.*` inputs; the cache never round-trips
               through numpy (on CUDA it never leaves the device) and only logits [B, 1, V] come back
-    compressed  decoder_kv.onnx (`--kv-variant`), opened on first use, under `compressed_kv.HostCompressedKV`: the
+    kv        decoder_kv.onnx (`--kv-variant`), opened on first use, under `compressed_kv.HostCompressedKV`: the
               compressed cache is torch tensors on the host, fed as numpy arrays at each step
 """
 

@@ -230,7 +230,7 @@ class _Run:
                  kv: KVConfig):
         self.pipe, self.sampling, self.k, self.position_policy = pipe, sampling, k, position_policy
         self.stop_at_eos, self.kv = stop_at_eos, kv
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # set when the decode loop starts
         self.timings = Timings()
         self.rows: list[list[int]] = []
         self.start = time.perf_counter()
@@ -320,7 +320,7 @@ class _Run:
         return GenerationResult(answers, sequences, self.kept_index, pipe.backend.name, pipe.reason,
                                 self.kept_index.shape[1], pipe.manifest.model.num_visual_tokens, self.prefill_length,
                                 self.timings, peak, pipe.manifest.quantization, self.kv,
-                                pipe.backend.kv_bytes(self.cache) if self.cache is not None else 0)
+                                pipe.backend.kv_bytes(self.cache))
 
 
 def _ms(since: float) -> float:
