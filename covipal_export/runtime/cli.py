@@ -4,6 +4,8 @@ Streams the answer on stdout and a one-line summary on stderr (backend, tokens k
 `--json` prints one JSON object instead. `--compare-unpruned` answers again without pruning in the same
 process and says what pruning saved. A video (`run_trt.py VIDEO.mp4 QUESTION --every SECONDS`) is answered
 frame by frame: one `[mm:ss.s] answer` line per sampled frame (`--json`: one object per frame, a line each).
+`--kv-method eviction|spindlekv --kv-budget B` compresses the KV cache during decode (an export made with
+`--kv-variant`; ONNX Runtime or torch); `--json` reports `kv_bytes`, the KV bytes held during decode.
 Bad input: one `error: ...` line and exit status 2.
 """
 
