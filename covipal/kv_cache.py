@@ -8,6 +8,10 @@ MLP) layer by layer with the model's own modules, keeping for each layer:
     CodebookLayer  per query head: refs, norms and positions [B, Hq, T] for K and V, valid [B, Hq, T],
                    and one K and one V codebook [C, D] per row and KV head; keys are rebuilt as
                    codebook[ref] x norm and RoPE'd again at each step (transiently, one layer at a time)
+
+A decode token attends to the held cache and to its own exact keys and values, then joins the cache.
+`run_layers`, `layer_counts` and `compress_layer` are shared with the runtime, whose decoder_kv.onnx runs
+the same layers and whose host keeps the same layer caches (covipal_export.runtime.compressed_kv).
 """
 
 from __future__ import annotations
@@ -124,19 +128,24 @@ class CodebookLayer:
         return held_bytes(self.valid, self.positions, *self.refs, *self.norms, *books)
 
 
-class CompressedDecoder:
-    """Prefill once (compressing each layer as it goes), then one decode step per token."""
+def check_llama(model) -> None:
+    """KV compression runs Llama-family decoders (q/k/v/o projections, RoPE, RMSNorm, MLP) layer by layer."""
+    lm = model.language_model
+    if not all(hasattr(lm, name) for name in ("layers", "rotary_emb", "norm", "embed_tokens")):
+        raise CovipalError(f"KV compression supports Llama-family decoders, not {type(lm).__name__}")
 
-    def __init__(self, model, config: KVConfig):
-        lm = model.language_model
-        if not all(hasattr(lm, name) for name in ("layers", "rotary_emb", "norm", "embed_tokens")):
-            raise CovipalError(f"KV compression supports Llama-family decoders, not {type(lm).__name__}")
-        self.model, self.lm, self.config = model, lm, config
-        self.layers: list[EvictedLayer | CodebookLayer] = []
-        self.peak_bytes = 0
 
-    def _layer(self, index: int, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               attend) -> torch.Tensor:
+def run_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
+    """The decoder layer by layer with the model's own modules; logits [B, V] of the last position.
+
+    embeds: [B, S, D]; position_ids: [B, S]. Attention is `attend(index, attn, query [B, Hq, S, Dh],
+    keys_pre [B, Hkv, S, Dh] (before RoPE), keys [B, Hkv, S, Dh], values [B, Hkv, S, Dh]) -> [B, Hq, S, Dh]`:
+    the caller owns the cache (`CompressedDecoder` here, the decoder_kv.onnx graph in covipal_export).
+    """
+    lm = model.language_model
+    hidden = embeds
+    cos, sin = lm.rotary_emb(hidden, position_ids)
+    for index, layer in enumerate(lm.layers):
         attn = layer.self_attn
         batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
@@ -147,14 +156,55 @@ class CompressedDecoder:
         query, keys = apply_rotary_pos_emb(query, keys_pre, cos, sin)
         out = attend(index, attn, query, keys_pre, keys, values)  # [B, Hq, S, D]
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return model.lm_head(lm.norm(hidden[:, -1]))  # [B, V]
 
-    def _run(self, embeds: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
-        hidden = embeds
-        cos, sin = self.lm.rotary_emb(hidden, position_ids)
-        for index, layer in enumerate(self.lm.layers):
-            hidden = self._layer(index, layer, hidden, cos, sin, attend)
-        return self.model.lm_head(self.lm.norm(hidden[:, -1]))  # [B, V]
+
+def layer_counts(config: KVConfig, key_valid: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Prompt keys kept per layer and row, [num_layers, B]: PyramidKV over each row's real length."""
+    per_row = [pyramid_budgets(mean_keep(config.budget, int(n)), int(n), num_layers, config.pyramid, config.window)
+               for n in key_valid.sum(1)]
+    return torch.tensor(per_row, dtype=torch.long).T
+
+
+def compress_layer(scores: torch.Tensor, counts: torch.Tensor, key_valid: torch.Tensor, keys_pre: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, position_ids: torch.Tensor, codebook: bool,
+                   config: KVConfig) -> EvictedLayer | CodebookLayer:
+    """One layer's prompt cache after eviction: per query head with a codebook, else one choice per KV head.
+
+    scores: [B, Hq, L] (`window_scores`); counts: [B]; key_valid: [B, L]; keys_pre, keys, values: [B, Hkv, L, Dh];
+    position_ids: [B, L].
+    """
+    if codebook:  # unfolded: one choice per query head
+        kept, valid = keep_indices(scores, counts, key_valid)
+        return CodebookLayer(keys_pre, values, position_ids, kept, valid, config)
+    grouped = scores.unflatten(1, (keys.shape[1], -1)).mean(2)  # [B, Hkv, L], the group's mean score
+    kept, valid = keep_indices(grouped, counts, key_valid)
+    take = kept[..., None].expand(-1, -1, -1, keys.shape[-1])
+    return EvictedLayer(keys.gather(2, take), values.gather(2, take), valid)
+
+
+def attend_held(query: torch.Tensor, held_keys: torch.Tensor, held_values: torch.Tensor, valid: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Decode attention: query [B, Hq, 1, Dh] over a layer's held cache (`read`: [B, H, T, Dh], valid [B, H, T],
+    H = Hkv or Hq) and the new token's own keys and values [B, Hkv, 1, Dh], exact (not rebuilt)."""
+    heads = query.shape[1]
+    held_keys, held_values, valid = (t.repeat_interleave(heads // held_keys.shape[1], 1)
+                                     for t in (held_keys, held_values, valid))
+    keys, values = (t.repeat_interleave(heads // keys.shape[1], 1) for t in (keys, values))
+    mask = torch.cat([valid, valid.new_ones(*valid.shape[:2], 1)], dim=2)[:, :, None, :]  # [B, Hq, 1, T+1]
+    return F.scaled_dot_product_attention(query, torch.cat([held_keys, keys], 2), torch.cat([held_values, values], 2),
+                                          attn_mask=mask, scale=scaling)
+
+
+class CompressedDecoder:
+    """Prefill once (compressing each layer as it goes), then one decode step per token."""
+
+    def __init__(self, model, config: KVConfig):
+        check_llama(model)
+        self.model, self.lm, self.config = model, model.language_model, config
+        self.layers: list[EvictedLayer | CodebookLayer] = []
+        self.peak_bytes = 0
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """embeds [B, L, D], attention_mask [B, L] (left padding), position_ids [B, L] -> logits [B, V]."""
@@ -162,8 +212,7 @@ class CompressedDecoder:
         length = embeds.shape[1]
         num_layers = len(self.lm.layers)
         shallow = codebook_layer_count(config, num_layers)
-        per_row = [pyramid_budgets(mean_keep(config.budget, int(n)), int(n), num_layers, config.pyramid, config.window)
-                   for n in key_valid.sum(1)]
+        counts = layer_counts(config, key_valid, num_layers)  # [layers, B]
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         mask = (causal & key_valid[:, None, None, :]) | torch.eye(length, dtype=torch.bool)  # [B, 1, L, L]
 
@@ -172,33 +221,25 @@ class CompressedDecoder:
             full_keys, full_values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
             out = F.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=mask, scale=attn.scaling)
             scores = window_scores(query, full_keys, key_valid, attn.scaling, config.window, config.pool_kernel)
-            counts = torch.tensor([budgets[index] for budgets in per_row])
-            if index < shallow:  # unfolded: one choice per query head
-                kept, valid = keep_indices(scores, counts, key_valid)
-                self.layers.append(CodebookLayer(keys_pre, values, position_ids, kept, valid, config))
-            else:  # one choice per KV head, from the group's mean score
-                grouped = scores.unflatten(1, (-1, groups)).mean(2)  # [B, Hkv, L]
-                kept, valid = keep_indices(grouped, counts, key_valid)
-                take = kept[..., None].expand(-1, -1, -1, keys.shape[-1])
-                self.layers.append(EvictedLayer(keys.gather(2, take), values.gather(2, take), valid))
+            self.layers.append(compress_layer(scores, counts[index], key_valid, keys_pre, keys, values, position_ids,
+                                              index < shallow, config))
             return out
 
-        logits = self._run(embeds, position_ids, attend)
+        logits = run_layers(self.model, embeds, position_ids, attend)
         self.peak_bytes = self.nbytes()
         return logits
 
     def step(self, embeds: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """One token: embeds [B, 1, D], position [B, 1] -> logits [B, V]; the cache grows by it."""
+        """One token: embeds [B, 1, D], position [B, 1] -> logits [B, V]; the cache grows by it.
+
+        The token attends to the held cache and to its own exact keys and values; it joins the cache after."""
         def attend(index, attn, query, keys_pre, keys, values):
             layer = self.layers[index]
+            out = attend_held(query, *layer.read(self.lm.rotary_emb), keys, values, attn.scaling)
             layer.append(keys_pre, keys, values, position, attn.num_key_value_groups)
-            held_keys, held_values, valid = layer.read(self.lm.rotary_emb)
-            repeat = query.shape[1] // held_keys.shape[1]
-            held_keys, held_values = held_keys.repeat_interleave(repeat, 1), held_values.repeat_interleave(repeat, 1)
-            valid = valid.repeat_interleave(repeat, 1)[:, :, None, :]  # [B, Hq, 1, T]
-            return F.scaled_dot_product_attention(query, held_keys, held_values, attn_mask=valid, scale=attn.scaling)
+            return out
 
-        logits = self._run(embeds, position, attend)
+        logits = run_layers(self.model, embeds, position, attend)
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
         return logits
 

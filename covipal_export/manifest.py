@@ -129,6 +129,25 @@ class QuantizationSpec:
 
 
 @dataclass
+class KVVariantSpec:
+    """decoder_kv.onnx (`export.py --kv-variant`): the decoder on a KV cache compressed per layer and head on the host.
+
+    Its past keys (post-RoPE) and values have a length per layer (`past_<i>`) and a mask per query head
+    `past_mask.<i> [B, Hq, past_<i>]` in place of one attention mask, so each layer and head may hold other
+    tokens. Each pass returns the new tokens' keys (post- and pre-RoPE) and values, and the last `window`
+    queries of every layer, from which the host computes SnapKV scores (`covipal.kv_compression`).
+    """
+
+    graph: GraphSpec
+    methods: list[str]  # the KV methods (covipal.kv_compression.KV_METHODS) the runtime may run on it
+    num_attention_heads: int  # Hq
+    window: int  # query rows returned per layer: the most a KV config's window may be
+    scaling: float  # attention's softmax scale (1/sqrt(Dh))
+    rope_inv_freq: list[float]  # [Dh/2] the rotary embedding's inverse frequencies: rebuilt keys are RoPE'd on the host
+    rope_attention_scaling: float  # the rotary embedding's factor on cos and sin
+
+
+@dataclass
 class TokenizerSpec:
     directory: str  # the tokenizer files (transformers' save_pretrained layout), relative to the manifest
     chat_template: str  # Jinja, rendered with messages=[{"role": "user", "content": [image, text]}]
@@ -176,6 +195,7 @@ class Manifest:
     versions: Versions
     files: dict[str, FileEntry]  # every file of the directory but the manifest, by relative path
     quantization: QuantizationSpec | None = None  # None: the decoder's weights are in the model dtype
+    kv_variant: KVVariantSpec | None = None  # None: exported without --kv-variant (no KV compression at run time)
 
     def graph_path(self, directory: Path, stage: str) -> Path:
         return Path(directory) / self.graphs[stage].file
@@ -242,4 +262,9 @@ def load_manifest(directory: str | Path) -> Manifest:
         inputs, outputs = names.graph_io(stage, manifest.decoder.num_layers)
         if [t.name for t in graph.inputs] != inputs or [t.name for t in graph.outputs] != outputs:
             raise CovipalError(f"{path}: graphs.{stage} must have inputs {inputs} and outputs {outputs}")
+    variant = manifest.kv_variant
+    if variant is not None:
+        inputs, outputs = names.kv_graph_io(manifest.decoder.num_layers)
+        if [t.name for t in variant.graph.inputs] != inputs or [t.name for t in variant.graph.outputs] != outputs:
+            raise CovipalError(f"{path}: kv_variant.graph must have inputs {inputs} and outputs {outputs}")
     return manifest

@@ -157,19 +157,23 @@ def test_bad_kv_configs_are_refused():
             KVConfig(**kwargs)
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covipal", IMAGE, "What is it?", *args], cwd=ROOT,
+COMMANDS = {"covipal": ["-m", "covipal"], "run_trt": ["run_trt.py"]}  # the PyTorch CLI and the runtime's
+
+
+def run(*args: str, command: str = "covipal") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *COMMANDS[command], IMAGE, "What is it?", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("args, message", [
     (["--kv-budget", "0"], "argument --kv-budget: KV budget as a count must be positive, got 0"),
     (["--kv-budget", "1.5"], "argument --kv-budget: KV budget as a fraction must be in (0, 1], got 1.5"),
     (["--kv-budget", "half"], "argument --kv-budget: expected a fraction in (0, 1] or a positive count"),
     (["--kv-method", "magic"], "argument --kv-method: invalid choice: 'magic'"),
 ])
-def test_cli_bad_kv_input_is_one_line(args, message):
-    result = run(*args)
+def test_cli_bad_kv_input_is_one_line(command, args, message):
+    result = run(*args, command=command)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0]

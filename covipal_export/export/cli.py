@@ -52,6 +52,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--logits", choices=("last", "all"), default="last",
                         help="decoder.onnx returns logits for the last position only, or for all "
                              "(default: %(default)s)")
+    parser.add_argument("--kv-variant", action="store_true",
+                        help="also export decoder_kv.onnx, the decoder on a compressed KV cache, so that run_trt.py "
+                             "--kv-method eviction|spindlekv runs (a second copy of the decoder's weights on disk)")
     parser.add_argument("--force", action="store_true", help="replace an existing export directory")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="check every graph and a greedy decode against PyTorch before keeping the export "
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, budget=args.budget, out=args.out, dtype=args.dtype, strategy=args.strategy, ppm=args.ppm,
         position_policy=args.position_policy, model_path=args.model_path, random_weights=args.random_weights,
         layers=args.layers, opset=args.opset, logits=args.logits, force=args.force, verify=args.verify,
-        quantization=quantization,
+        quantization=quantization, kv_variant=args.kv_variant,
     )
     try:
         result = export_model(options)

@@ -1,7 +1,8 @@
 """Export a registered model to a directory: four ONNX graphs, tokenizer files and `manifest.json`.
 
     check options and output -> load model + strategy -> check the budget -> temp dir beside the output
-      -> vision.onnx, embed.onnx, ppm.onnx, decoder.onnx -> tokenizer/ -> manifest.json
+      -> vision.onnx, embed.onnx, ppm.onnx, decoder.onnx (+ decoder_kv.onnx with --kv-variant) -> tokenizer/
+      -> manifest.json
       -> quantize the decoder (--quant: decoder.onnx in place + decoder.qdq.onnx, manifest rewritten; a calibrated
          --quant-method first runs its --calib pairs through the new graphs)
       -> verify (optional) -> rename the temp dir to the output (replacing an old export with --force)
@@ -34,7 +35,13 @@ from covipal.generation import eos_token_ids, pad_token_id
 from covipal.models import VisionLanguageModel
 from covipal.pruning import POSITION_POLICIES
 from covipal_export import names
-from covipal_export.export.graphs import graph_specs, kv_cache_shape, shape_ranges
+from covipal_export.export.graphs import (
+    graph_specs,
+    kv_cache_shape,
+    kv_variant_manifest,
+    kv_variant_spec,
+    shape_ranges,
+)
 from covipal_export.export.onnx_export import DEFAULT_OPSET, EXPORTER, OPSETS, export_graph
 from covipal_export.export.pruning_choice import check_strategy, choose_pruning
 from covipal_export.export.quantize import QuantOptions, quantize_export
@@ -43,6 +50,7 @@ from covipal_export.manifest import (
     FORMAT_VERSION,
     DecoderSpec,
     GraphSpec,
+    KVVariantSpec,
     Manifest,
     ModelSpec,
     PruningSpec,
@@ -77,6 +85,7 @@ class ExportOptions:
     force: bool = False  # replace an existing export directory
     verify: bool = True
     quantization: QuantOptions = field(default_factory=QuantOptions)  # weight-only INT8/INT4 decoder
+    kv_variant: bool = False  # also decoder_kv.onnx, the decoder on a compressed KV cache (its weights a second time)
 
     def __post_init__(self) -> None:
         self.budget = check_budget(self.budget)  # checked against N once the model is loaded
@@ -89,6 +98,9 @@ class ExportOptions:
         if self.layers is not None and not self.random_weights:
             raise CovipalError("--layers needs --random-weights (pretrained weights keep all their layers)")
         check_strategy(self.strategy, self.ppm)
+        if self.kv_variant and self.quantization.bits is not None:
+            raise CovipalError("--kv-variant with --quant is not supported yet: decoder_kv.onnx would keep the "
+                               "unquantized weights")
         name = f"{self.model}-{ALL}" if self.budget == ALL else f"{self.model}-b{self.budget}"
         self.out = Path(self.out) if self.out is not None else names.DEFAULT_ROOT / name
 
@@ -115,7 +127,7 @@ def export_model(options: ExportOptions) -> ExportResult:
     calibration = options.quantization.calibration_set(options.model)  # refused here, before anything is exported
     seconds: dict[str, float] = {}
     quantize = options.quantization.bits is not None
-    steps = 4 + len(names.STAGES) + quantize
+    steps = 4 + len(names.STAGES) + quantize + options.kv_variant
     with tqdm(total=steps, unit="step", leave=False, disable=None, file=sys.stderr) as bar:
         with _step(bar, seconds, "load model"):
             model = load_reference_model(options.model, dtype=options.dtype, path=options.model_path,
@@ -131,8 +143,13 @@ def export_model(options: ExportOptions) -> ExportResult:
             for spec in graph_specs(model, strategy, ranges, budget, options.logits == "last"):
                 with _step(bar, seconds, f"export {names.GRAPH_FILES[spec.stage]}"):
                     graphs[spec.stage] = export_graph(spec, scratch, options.opset)
+            kv_variant = None
+            if options.kv_variant:
+                with _step(bar, seconds, f"export {names.KV_DECODER_FILE}"):
+                    kv_variant = kv_variant_manifest(model, export_graph(kv_variant_spec(model, ranges), scratch,
+                                                                         options.opset))
             with _step(bar, seconds, "manifest"):
-                manifest = write_manifest(scratch, model, options, pruning, ranges, graphs)
+                manifest = write_manifest(scratch, model, options, pruning, ranges, graphs, kv_variant)
             if quantize:
                 with _step(bar, seconds, f"quantize {options.quantization.quant}"):
                     manifest = quantize_export(scratch, manifest, options.quantization, calibration)
@@ -164,7 +181,7 @@ def _step(bar: tqdm, seconds: dict[str, float], name: str):
 
 
 def write_manifest(directory: Path, model: VisionLanguageModel, options: ExportOptions, pruning: PruningSpec,
-                   ranges: ShapeRanges, graphs: dict[str, GraphSpec]) -> Manifest:
+                   ranges: ShapeRanges, graphs: dict[str, GraphSpec], kv_variant: KVVariantSpec | None) -> Manifest:
     """Copy the tokenizer files, then describe everything in `directory/manifest.json`."""
     tokenizer = save_tokenizer(model, directory)
     num_layers, num_kv_heads, head_dim = kv_cache_shape(model)
@@ -181,6 +198,7 @@ def write_manifest(directory: Path, model: VisionLanguageModel, options: ExportO
         versions=Versions(covipal_export.__version__, torch.__version__, transformers.__version__, onnx.__version__,
                           onnxscript.__version__, options.opset, EXPORTER),
         files=describe_files(directory),
+        kv_variant=kv_variant,
     )
     save_manifest(manifest, directory)
     return manifest
@@ -272,8 +290,8 @@ def describe(result: ExportResult) -> str:
              f"  pruning: {manifest.pruning.strategy}, default budget {manifest.pruning.default_budget} of "
              f"{manifest.model.num_visual_tokens}, positions {manifest.pruning.position_policy} "
              f"({manifest.pruning.note})"]
-    sizes = {f"export {g.file}": f"{_mib(manifest, g.file, g.external_data):9.1f} MiB"
-             for g in manifest.graphs.values()}
+    graphs = [*manifest.graphs.values(), *([manifest.kv_variant.graph] if manifest.kv_variant else [])]
+    sizes = {f"export {g.file}": f"{_mib(manifest, g.file, g.external_data):9.1f} MiB" for g in graphs}
     if quantized:
         decoder = manifest.graphs[names.DECODER]
         sizes[f"export {decoder.file}"] = ""  # the file now holds the quantized weights

@@ -12,6 +12,9 @@
                   position_ids   [batch, sequence] int64
                   past_key_values.%d.key/value [batch, Hkv, past, Dh]
 
+`--kv-variant` adds decoder_kv.onnx (`KVDecoderGraph`): the decoder on a KV cache compressed on the host, with a
+past length per layer and a past mask per query head (names.kv_graph_io; the manifest's kv_variant).
+
 D-wide tensors, logits and the KV cache are in the export dtype; total = past + sequence; past may be 0
 (prefill). Each wrapper calls the same `VisionLanguageModel` method or strategy the PyTorch path uses,
 so the graphs compute what covipal computes. The model decides its graphs here; onnx_export.py exports.
@@ -22,15 +25,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
 from covipal.errors import CovipalError
+from covipal.kv_cache import check_llama, run_layers
+from covipal.kv_compression import KV_METHODS, KVConfig
 from covipal.models import VisionLanguageModel
 from covipal.selection import gather_tokens, keep_topk_traceable
 from covipal.strategies import Strategy
 from covipal_export import names
-from covipal_export.manifest import ShapeRanges
+from covipal_export.manifest import GraphSpec, KVVariantSpec, ShapeRanges
 
 SAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1: every dynamic sample size is >= 2
 SAMPLE_TEXT, SAMPLE_SEQUENCE, SAMPLE_PAST = 3, 5, 3
@@ -161,3 +167,79 @@ def graph_specs(model: VisionLanguageModel, strategy: Strategy, ranges: ShapeRan
         dim_names={f"{names.PAST} + {names.SEQUENCE}": names.TOTAL},
     )
     return [vision, embed, prune, decoder]
+
+
+class KVDecoderGraph(nn.Module):
+    """decoder_kv.onnx: one decoder pass over a cache the host holds and compresses, layer by layer.
+
+    inputs_embeds [B, S, D], input_mask [B, S] (the new tokens' validity), position_ids [B, S], and per layer i
+    past key/value [B, Hkv, P_i, Dh] (post-RoPE) and past_mask [B, Hq, P_i]. Query head h attends to the past slots
+    its mask allows and causally to the valid new tokens (always to itself). Per layer it returns the new tokens'
+    keys (post- and pre-RoPE) and values [B, Hkv, S, Dh] and its last `window` queries [B, Hq, min(window, S), Dh];
+    the host appends what it keeps (`covipal.kv_cache.compress_layer` after a prefill, `append` after a step).
+    """
+
+    def __init__(self, model: VisionLanguageModel, window: int):
+        super().__init__()
+        self.model, self.window = model, window
+
+    def forward(self, inputs_embeds: torch.Tensor, input_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]):
+        length = inputs_embeds.shape[1]
+        steps = torch.arange(length)
+        new_mask = (steps[None, :] <= steps[:, None]) & input_mask.bool()[:, None, :]  # [B, S, S] causal, valid keys
+        new_mask = new_mask | (steps[None, :] == steps[:, None])  # a padding query attends to itself
+        outputs: list[torch.Tensor] = []
+
+        def attend(index, attn, query, keys_pre, keys, values):
+            past_key, past_value, past_mask = past[index]
+            groups = attn.num_key_value_groups
+            heads = query.shape[1]
+            all_keys = torch.cat([past_key, keys], 2).repeat_interleave(groups, 1)  # [B, Hq, P+S, Dh]
+            all_values = torch.cat([past_value, values], 2).repeat_interleave(groups, 1)
+            mask = torch.cat([past_mask[:, :, None, :].expand(-1, -1, length, -1),
+                              new_mask[:, None].expand(-1, heads, -1, -1)], dim=-1)  # [B, Hq, S, P+S]
+            outputs.extend([keys, keys_pre, values, query[:, :, -self.window:]])
+            return F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=mask, scale=attn.scaling)
+
+        logits = run_layers(self.model, inputs_embeds, position_ids, attend)[:, None]  # [B, 1, V]
+        return logits, tuple(outputs)
+
+
+def kv_variant_spec(model: VisionLanguageModel, ranges: ShapeRanges) -> OnnxSpec:
+    """decoder_kv.onnx's spec: a Llama-family decoder, a past length per layer (samples of different lengths)."""
+    check_llama(model)
+    rotary = model.language_model.rotary_emb
+    if "dynamic" in rotary.rope_type:
+        raise CovipalError(f"--kv-variant: RoPE type {rotary.rope_type!r} changes its frequencies with the length; "
+                           f"rebuilt keys could not be rotated on the host")
+    dtype = model.embed_tokens.weight.dtype
+    num_layers, num_kv_heads, head_dim = kv_cache_shape(model)
+    heads = model.text_config.num_attention_heads
+    batch = Dim(names.BATCH, min=1, max=ranges.max_batch)
+    sequence = Dim(names.SEQUENCE, min=1, max=ranges.max_context)
+    B, S = SAMPLE_BATCH, SAMPLE_SEQUENCE
+    past, dynamic = [], []
+    for layer in range(num_layers):
+        length = SAMPLE_PAST + layer  # lengths differ, as after PyramidKV
+        cache = torch.randn(B, num_kv_heads, length, head_dim, dtype=dtype)
+        past.append((cache, cache.clone(), torch.rand(B, heads, length) > 0.3))
+        dim = Dim(names.past_dim(layer), min=0, max=ranges.max_context - 1)
+        dynamic.append(({0: batch, 2: dim}, {0: batch, 2: dim}, {0: batch, 2: dim}))
+    window = KVConfig().window
+    min_window = f"Max(0, {names.SEQUENCE} - Max(0, {names.SEQUENCE} - {window}))"  # the exporter's name of min(16, S)
+    args = (torch.randn(B, S, model.hidden_size, dtype=dtype), torch.ones(B, S, dtype=torch.bool),
+            torch.arange(S).expand(B, -1).clone(), tuple(past))
+    return OnnxSpec(names.KV_DECODER, KVDecoderGraph(model, window), args, *names.kv_graph_io(num_layers),
+                    ({0: batch, 1: sequence}, {0: batch, 1: sequence}, {0: batch, 1: sequence}, tuple(dynamic)),
+                    dim_names={min_window: names.WINDOW})
+
+
+def kv_variant_manifest(model: VisionLanguageModel, graph: GraphSpec) -> KVVariantSpec:
+    """The manifest's kv_variant section for an exported decoder_kv.onnx."""
+    rotary = model.language_model.rotary_emb
+    return KVVariantSpec(graph=graph, methods=[m for m in KV_METHODS if m != "none"],
+                         num_attention_heads=model.text_config.num_attention_heads, window=KVConfig().window,
+                         scaling=float(model.language_model.layers[0].self_attn.scaling),
+                         rope_inv_freq=rotary.inv_freq.float().tolist(),
+                         rope_attention_scaling=float(rotary.attention_scaling))

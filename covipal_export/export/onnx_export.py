@@ -27,7 +27,7 @@ DEFAULT_OPSET = 20
 
 def export_graph(spec: OnnxSpec, directory: Path, opset: int) -> GraphSpec:
     """Write `directory/<graph file>` (weights in `<graph file>.data` past 2 GB) and return its spec."""
-    path = Path(directory) / names.GRAPH_FILES[spec.stage]
+    path = Path(directory) / names.graph_file(spec.stage)
     with quiet_exporter():
         program = torch.onnx.export(
             spec.module.eval(), spec.args, dynamo=True, opset_version=opset, verbose=False,

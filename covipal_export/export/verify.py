@@ -8,6 +8,8 @@
     decoder     logits and present KV for a prefill (past 0) and one decode step, same pruned prompt
     chain       greedy tokens of the shipped `Pipeline` on ONNX Runtime (vision -> ppm -> decoder with KV) vs
                 covipal.generation.generate_from_batch, for both position policies: one decode loop on both sides
+    kv          with decoder_kv.onnx (--kv-variant): greedy tokens and KV bytes of each compressed KV method (budget
+                0.4) through the `Pipeline` vs covipal's generate, the same batch
     forms       a quantized decoder: decoder.onnx (MatMulNBits) and decoder.qdq.onnx (for TensorRT) hold the same
                 integers and scales, and give the same logits in ONNX Runtime
     polygraphy  `polygraphy run <graph> --onnxrt` on the same inputs (when polygraphy is installed)
@@ -35,6 +37,7 @@ import torch
 
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.generation import SamplingConfig, generate_from_batch, pad_token_id
+from covipal.kv_compression import KVConfig
 from covipal.models import PromptBatch, VisionLanguageModel
 from covipal.pruning import POSITION_POLICIES, prune_prompt, text_for_scoring
 from covipal.selection import keep_topk_in_order
@@ -47,6 +50,7 @@ from covipal_export.runtime.ort_backend import OrtBackend, new_session
 from covipal_export.runtime.pipeline import Pipeline
 from covipal_export.runtime.reference import reference_from_manifest
 
+KV_BUDGET = 0.4  # the KV budget the kv check runs each method at
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # max |diff| <= tolerance * max(1, max |reference|)
 SAMPLE_QUESTIONS = ["What is on the table?", "How many people are in the picture? Answer with one word.",
                     "Describe the image in detail.", "What color is the car?"]
@@ -211,12 +215,15 @@ class Verifier:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position[:, -1:] + 1
 
+    def pipeline(self) -> Pipeline:
+        directory = self.report.directory
+        return Pipeline(directory, self.manifest, prompt_processor(directory, self.manifest), self.backend,
+                        "export verification: ONNX Runtime on the CPU")
+
     def check_chain(self, batch: PromptBatch, new_tokens: int) -> None:
         sampling = SamplingConfig(new_tokens)
         budget = self.manifest.pruning.default_budget
-        directory = self.report.directory
-        pipe = Pipeline(directory, self.manifest, prompt_processor(directory, self.manifest), self.backend,
-                        "export verification: ONNX Runtime on the CPU")
+        pipe = self.pipeline()
         for policy in POSITION_POLICIES:
             expected = generate_from_batch(self.model, batch, strategy=self.strategy, budget=budget,
                                            position_policy=policy, sampling=sampling)
@@ -232,6 +239,20 @@ class Verifier:
                 decodes = bool(((got >= 0) & (got < vocab)).all()) and len(out.answers) in (0, len(got))
                 self.add("chain", f"tokens decode, {policy}", f"ids in [0, {vocab})" if decodes else "ids out of range",
                          decodes)
+
+    def check_kv_variant(self, batch: PromptBatch, new_tokens: int) -> None:
+        budget, pipe = self.manifest.pruning.default_budget, self.pipeline()
+        for method in self.manifest.kv_variant.methods:
+            kv = KVConfig(method, KV_BUDGET)
+            expected = generate_from_batch(self.model, batch, strategy=self.strategy, budget=budget,
+                                           sampling=SamplingConfig(new_tokens), kv=kv)
+            out = pipe.generate_from_batch(batch, budget=budget, max_new_tokens=new_tokens, kv=kv)
+            want, got = expected.sequences.numpy(), out.sequences
+            same = want.shape == got.shape and bool((want == got).all())
+            result = f"{want.shape[1]} tokens x {want.shape[0]} rows equal" if same else _first_difference(got, want)
+            self.add("kv", f"greedy tokens, {method} {KV_BUDGET}", result, same, required=self.exact)
+            self.add("kv", f"KV bytes held, {method} {KV_BUDGET}", f"{out.kv_bytes} vs {expected.kv_bytes}",
+                     out.kv_bytes == expected.kv_bytes)
 
     def check_forms(self) -> None:
         """A quantized decoder's two forms: the same integers and scales, and the same logits in ONNX Runtime."""
@@ -304,6 +325,8 @@ def verify_export(directory: str | Path, model: VisionLanguageModel | None = Non
     batch = sample_batch(model, batch_size)
     verifier.check_stages(batch)
     verifier.check_chain(batch, new_tokens)
+    if verifier.manifest.kv_variant is not None:
+        verifier.check_kv_variant(batch, new_tokens)
     verifier.check_forms()
     if polygraphy:
         verifier.check_polygraphy()

@@ -8,6 +8,7 @@ Reads nothing about a model but the directory's manifest, and imports nothing fr
     ort_backend.py    ONNX Runtime (CPU / CUDA), the KV cache in OrtValues
     trt_backend.py    TensorRT engines (DIR/trt) on torch CUDA tensors, the KV cache kept on the GPU
     torch_backend.py  the PyTorch reference behind the same interface
+    compressed_kv.py  a KV cache compressed per layer and head on the host, read by decoder_kv.onnx (--kv-variant)
     reference.py      the PyTorch model and strategy of a directory, rebuilt from the covipal registry
     selection.py      which backends are usable here, and what `auto` picks and why
     pipeline.py       `Pipeline`: preprocessing -> vision -> prune -> splice -> prefill -> the decode loop, timed

@@ -14,6 +14,9 @@ the call's KV cache and each `step` extends the cache it is given, so concurrent
     step(cache, token [B], attention_mask [B, P+1], position_ids [B, 1]) -> extend by one token
     copy_cache(cache, length)                                  -> the first `length` positions of `cache`, which
                                                                   no later extend/step changes (a shared prefix)
+    prefill_compressed(prompt, kv)                             -> logits [B, V], a cache compressed as the
+                                                                  `KVConfig` says (`step` feeds it)
+    kv_bytes(cache)                                            -> the KV bytes it holds (compressed: the most it held)
 
 Tensors at this interface are torch CPU tensors; each backend converts to what it runs on.
 """
@@ -26,6 +29,8 @@ from typing import Any
 
 import torch
 
+from covipal.errors import CovipalError
+from covipal.kv_compression import KVConfig
 from covipal.pruning import PrunedPrompt, Selector, prune_prompt
 from covipal_export import names
 from covipal_export.manifest import Manifest
@@ -35,7 +40,18 @@ from covipal_export.manifest import Manifest
 class KVCache:
     """One call's decoder cache, held by the caller from `prefill` to its last `step`."""
 
-    values: Any  # the backend's own form: ONNX Runtime OrtValues, CUDA tensors, a transformers DynamicCache
+    values: Any  # the backend's own form: ONNX Runtime OrtValues, CUDA tensors, a transformers DynamicCache, or a
+    # CompressedKV
+
+
+class CompressedKV(ABC):
+    """A KV cache compressed per layer and head (`covipal.kv_compression`) and the decoder pass that reads it."""
+
+    peak_bytes: int  # the most KV bytes it held, from the prefill on
+
+    @abstractmethod
+    def step(self, token: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (float32) after feeding token [B] at position_ids [B, 1]; the token joins the cache."""
 
 
 class Backend(ABC):
@@ -77,7 +93,29 @@ class Backend(ABC):
     def step(self, cache: KVCache, token: torch.Tensor, attention_mask: torch.Tensor,
              position_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] (float32) after feeding one token per row; `cache` grows by one."""
+        if isinstance(cache.values, CompressedKV):
+            return cache.values.step(token, position_ids)
         return self.extend(cache, token[:, None], attention_mask, position_ids)
+
+    def check_kv(self, kv: KVConfig) -> None:
+        """Refuse in one line a KV-cache method this backend cannot run, before any work is done."""
+        if kv.method != "none":
+            raise CovipalError(f"--kv-method {kv.method} runs on ONNX Runtime and PyTorch; the {self.name} backend "
+                               f"does not compress the KV cache yet")
+
+    def prefill_compressed(self, prompt: PrunedPrompt, kv: KVConfig) -> tuple[torch.Tensor, KVCache]:
+        """`prefill`, keeping the prompt's KV compressed as `kv` says (a method `check_kv` accepted, not "none")."""
+        raise NotImplementedError  # backends whose check_kv accepts a method implement this
+
+    def kv_bytes(self, cache: KVCache) -> int:
+        """The KV bytes `cache` holds now; for a compressed cache, the most it held."""
+        if isinstance(cache.values, CompressedKV):
+            return cache.values.peak_bytes
+        return self.full_kv_bytes(cache)
+
+    @abstractmethod
+    def full_kv_bytes(self, cache: KVCache) -> int:
+        """The bytes of an uncompressed cache's keys and values."""
 
     @abstractmethod
     def copy_cache(self, cache: KVCache, length: int | None = None) -> KVCache:

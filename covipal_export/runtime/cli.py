@@ -4,6 +4,8 @@ Streams the answer on stdout and a one-line summary on stderr (backend, tokens k
 `--json` prints one JSON object instead. `--compare-unpruned` answers again without pruning in the same
 process and says what pruning saved. A video (`run_trt.py VIDEO.mp4 QUESTION --every SECONDS`) is answered
 frame by frame: one `[mm:ss.s] answer` line per sampled frame (`--json`: one object per frame, a line each).
+`--kv-method eviction|spindlekv --kv-budget B` compresses the KV cache during decode (an export made with
+`--kv-variant`; ONNX Runtime or torch); `--json` reports `kv_bytes`, the KV bytes held during decode.
 Bad input: one `error: ...` line and exit status 2.
 """
 
@@ -19,6 +21,7 @@ from typing import NoReturn
 from covipal.budget import ALL, budget_arg
 from covipal.cli import ArgumentParser, positive_int, quiet_libraries, run
 from covipal.errors import CovipalError
+from covipal.kv_compression import KV_METHODS, KVConfig, kv_budget_arg
 from covipal.models.processing import load_image
 from covipal_export import names
 from covipal_export.runtime.export_dir import find_engine_dir
@@ -42,6 +45,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="default: 32")
     parser.add_argument("--compare-unpruned", action="store_true",
                         help="also answer with every visual token kept, and print the prefill time pruning saved")
+    parser.add_argument("--kv-method", default="none", choices=KV_METHODS, metavar="M",
+                        help=f"KV-cache compression during decode: {', '.join(KV_METHODS)}; eviction and spindlekv "
+                             f"need an export made with --kv-variant (default: %(default)s)")
+    parser.add_argument("--kv-budget", type=kv_budget_arg, default=0.4,
+                        help="prompt KV kept per layer on average: a fraction in (0, 1] such as 0.4, or a token "
+                             "count such as 512 (default: %(default)s; ignored by --kv-method none)")
     parser.add_argument("--every", type=positive_seconds, metavar="SECONDS",
                         help="answer about one video frame per SECONDS (default for a video: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text "
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CovipalError("the question is empty")
     quiet_libraries()
     pipe = Pipeline.from_dir(args.engine_dir or find_engine_dir(), backend=args.backend)
-    options = dict(budget=args.budget, max_new_tokens=args.max_new_tokens)
+    options = dict(budget=args.budget, max_new_tokens=args.max_new_tokens, kv=KVConfig(args.kv_method, args.kv_budget))
     if args.json:
         result = pipe.generate(image, args.question, **options)
         report = result.to_json()
@@ -83,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     result = stream.result
     weights = f"decoder {result.quantization.summary()}; " if result.quantization else ""
+    kv = f"{result.kv.method} {result.kv.budget:g}" if result.kv.method != "none" else "full"
     print(f"{result.backend} ({result.reason}); {weights}{result.tokens_kept}/{result.tokens_total} visual tokens "
-          f"kept; TTFT {result.timings_ms.ttft:.0f} ms; {result.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+          f"kept; TTFT {result.timings_ms.ttft:.0f} ms; {result.tokens_per_second:.1f} tokens/s; KV cache ({kv}) "
+          f"{result.kv_bytes / 2**20:.2f} MiB", file=sys.stderr)
     if args.compare_unpruned:
         print(savings(*compare_unpruned(pipe, image, args.question, options)), file=sys.stderr)
     return 0
@@ -102,8 +113,9 @@ def answer_video(args: argparse.Namespace) -> int:
         raise CovipalError(f"{args.image} has no frames")
     quiet_libraries()
     pipe = Pipeline.from_dir(args.engine_dir or find_engine_dir(), backend=args.backend)
+    kv = KVConfig(args.kv_method, args.kv_budget)
     for index, (seconds, frame) in enumerate(itertools.chain([first], frames)):
-        result = pipe.generate(frame, args.question, budget=args.budget, max_new_tokens=args.max_new_tokens)
+        result = pipe.generate(frame, args.question, budget=args.budget, max_new_tokens=args.max_new_tokens, kv=kv)
         if args.json:
             print(json.dumps({"time_s": round(seconds, 3), "frame": index, **result.to_json()}), flush=True)
         else:

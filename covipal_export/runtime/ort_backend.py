@@ -4,10 +4,14 @@
     decoder   through I/O binding, so the KV cache stays in OrtValues: each step binds the previous
               step's `present.*` outputs as its `past_key_values.*` inputs; the cache never round-trips
               through numpy (on CUDA it never leaves the device) and only logits [B, 1, V] come back
+    kv        decoder_kv.onnx (`--kv-variant`), opened on first use, under `compressed_kv.HostCompressedKV`: the
+              compressed cache is torch tensors on the host, fed as numpy arrays at each step
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +20,12 @@ import onnxruntime as ort
 import torch
 
 from covipal.errors import CovipalError
+from covipal.kv_compression import KVConfig
 from covipal.pruning import PrunedPrompt
 from covipal_export import names
 from covipal_export.manifest import Manifest
 from covipal_export.runtime.backend import GraphBackend, KVCache
+from covipal_export.runtime.compressed_kv import HostCompressedKV, kv_variant
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 ORT_DEVICES = {CPU: "cpu", CUDA: "cuda"}
@@ -50,6 +56,9 @@ class OrtBackend(GraphBackend):
         self.directory = Path(directory)
         self.sessions = {stage: new_session(manifest.graph_path(self.directory, stage), [provider], threads)
                          for stage in names.STAGES}
+        self.provider, self.threads = provider, threads
+        self._kv_session: ort.InferenceSession | None = None  # decoder_kv.onnx, opened on first use
+        self._kv_lock = threading.Lock()
         self.name = f"onnxruntime-{ORT_DEVICES[provider]}"
         self.device = ORT_DEVICES[provider]
         self.dtypes = {stage: {spec.name: spec.dtype for spec in graph.inputs}  # stage -> input -> numpy dtype
@@ -81,6 +90,31 @@ class OrtBackend(GraphBackend):
                position_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS]  # [B, S, D]
         return self._decode(cache, embeds, attention_mask, position_ids)
+
+    def check_kv(self, kv: KVConfig) -> None:
+        if kv.method != "none":
+            kv_variant(self.manifest, kv)  # the export has decoder_kv.onnx, for this method
+
+    def prefill_compressed(self, prompt: PrunedPrompt, kv: KVConfig) -> tuple[torch.Tensor, KVCache]:
+        cache = HostCompressedKV(self.manifest, kv, self._run_kv, self._embed)
+        return cache.prefill(prompt), KVCache(cache)
+
+    def full_kv_bytes(self, cache: KVCache) -> int:
+        itemsize = np.dtype(self.dtypes[names.DECODER][self.past_names[0]]).itemsize
+        return sum(math.prod(value.shape()) for value in cache.values) * itemsize
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS]  # [B, S, D]
+
+    def _run_kv(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """decoder_kv.onnx on host tensors; outputs by name, as torch CPU tensors."""
+        graph = self.manifest.kv_variant.graph
+        with self._kv_lock:
+            if self._kv_session is None:
+                self._kv_session = new_session(self.directory / graph.file, [self.provider], self.threads)
+        arrays = {spec.name: np.ascontiguousarray(feeds[spec.name].numpy(), dtype=spec.dtype) for spec in graph.inputs}
+        outputs = self._kv_session.run(None, arrays)
+        return {spec.name: torch.from_numpy(value) for spec, value in zip(graph.outputs, outputs)}
 
     def kv_head(self, value: ort.OrtValue, length: int) -> ort.OrtValue:
         head = np.ascontiguousarray(value.numpy()[:, :, :length])  # [B, Hkv, length, Dh]; via the host on CUDA

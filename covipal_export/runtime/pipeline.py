@@ -4,10 +4,12 @@
     result = pipe.generate("photo.png", "What is on the table?", budget=32)
     result.answer, result.tokens_kept, result.timings_ms.ttft
     for text in pipe.generate(image, question, stream=True): print(text, end="")
+    pipe.generate(image, question, kv=KVConfig("eviction", 0.4))  # a compressed KV cache (--kv-variant exports)
 
 Stages: preprocessing (tokenizer, chat template, image preprocessing: all from the directory) ->
 vision (once per frame: `vision_cache`) -> embed -> prune (budget per call) -> splice -> prefill (the prefix
-before the question's text once per frame and selection: `prefix_cache`) -> decode loop with the KV cache.
+before the question's text once per frame and selection: `prefix_cache`) -> decode loop with the KV cache (or a
+compressed one, `kv=`: the whole prompt is prefilled, the prefix cache is not used).
 Batches are lists of (image, question) pairs, left-padded like `covipal.models.processing`.
 
 Threads may share one Pipeline: each call keeps its own state (`_Run`: timings, tokens, the KV cache the
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -29,12 +31,14 @@ import torch
 from covipal.budget import Budget, resolve_budget
 from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, decode_loop
+from covipal.kv_compression import KVConfig
 from covipal.models.processing import ImageInput, PromptBatch, PromptProcessor
 from covipal.pruning import PrunedPrompt, check_position_policy
 from covipal_export.manifest import Manifest, QuantizationSpec
 from covipal_export.runtime.backend import Backend, KVCache
 from covipal_export.runtime.conversation import Conversation
 from covipal_export.runtime.export_dir import open_export, prompt_processor
+from covipal_export.runtime.lru import CacheCounts
 from covipal_export.runtime.prefix_cache import DEFAULT_MB as PREFIX_MB
 from covipal_export.runtime.prefix_cache import PrefixCache
 from covipal_export.runtime.selection import choose_backend
@@ -71,6 +75,8 @@ class GenerationResult:
     timings_ms: Timings
     peak_rss_mb: float  # the process's peak resident memory so far
     quantization: QuantizationSpec | None = None  # the decoder's weight quantization (the manifest's)
+    kv: KVConfig = field(default_factory=KVConfig)  # the KV-cache method and budget of the call
+    kv_bytes: int = 0  # the most KV-cache bytes held during decode (after prefill, before the last token)
 
     @property
     def answer(self) -> str:
@@ -88,7 +94,9 @@ class GenerationResult:
                 "prefill_length": self.prefill_length, "new_tokens": int(self.sequences.shape[1]),
                 "timings_ms": {k: round(v, 3) for k, v in asdict(self.timings_ms).items()},
                 "tokens_per_second": round(self.tokens_per_second, 2), "peak_rss_mb": round(self.peak_rss_mb, 1),
-                "quantization": asdict(self.quantization) if self.quantization else None}
+                "quantization": asdict(self.quantization) if self.quantization else None,
+                "kv_method": self.kv.method, "kv_budget": None if self.kv.method == "none" else self.kv.budget,
+                "kv_bytes": self.kv_bytes}
 
 
 class GenerationStream:
@@ -153,7 +161,8 @@ class Pipeline:
     def generate(self, image: ImageInput | Sequence[ImageInput], question: str | Sequence[str], *,
                  max_new_tokens: int = 32, budget: Budget | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, position_policy: str | None = None, stream: bool = False,
-                 ignore_eos: bool = False, color: str = "rgb") -> GenerationResult | GenerationStream:
+                 ignore_eos: bool = False, color: str = "rgb",
+                 kv: KVConfig | None = None) -> GenerationResult | GenerationStream:
         """Answer one question about one image, or lists of both (a batch: several cameras' frames at once).
 
         image: a path, encoded bytes, a PIL image, or an [H, W, 3] uint8 array or tensor (`ImageInput`).
@@ -161,12 +170,14 @@ class Pipeline:
         ignore_eos: decode all `max_new_tokens` (benchmarks).
         color: the channel order of raw pixel arrays and tensors, "rgb" or "bgr" (OpenCV frames); a BGR frame
             passed as "rgb" cannot be detected and is answered with red and blue swapped.
+        kv: the KV-cache method and budget (`covipal.kv_compression.KVConfig`; default: the full cache); eviction
+            and spindlekv need an export with decoder_kv.onnx (`export.py --kv-variant`), on ONNX Runtime or torch.
         """
         single = isinstance(question, str)
         images, questions = ([image], [question]) if single else (list(image), list(question))
         if stream and len(questions) != 1:
             raise CovipalError(f"stream=True answers one question at a time, got {len(questions)}")
-        run = self._start(max_new_tokens, temperature, top_p, seed, budget, position_policy, ignore_eos)
+        run = self._start(max_new_tokens, temperature, top_p, seed, budget, position_policy, ignore_eos, kv)
         steps = run.tokens(run.prepare(images, questions, color))  # bad input fails here, before streaming
         if stream:
             return GenerationStream((row[0] for row in steps), self.processor, run.result)
@@ -183,9 +194,10 @@ class Pipeline:
 
     def generate_from_batch(self, batch: PromptBatch, *, max_new_tokens: int = 32, budget: Budget | None = None,
                             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                            position_policy: str | None = None, ignore_eos: bool = False) -> GenerationResult:
+                            position_policy: str | None = None, ignore_eos: bool = False,
+                            kv: KVConfig | None = None) -> GenerationResult:
         """`generate` on prompt tensors already built (left-padded ids with N image tokens, pixel values)."""
-        run = self._start(max_new_tokens, temperature, top_p, seed, budget, position_policy, ignore_eos)
+        run = self._start(max_new_tokens, temperature, top_p, seed, budget, position_policy, ignore_eos, kv)
         for _ in run.tokens(run.check(batch)):
             pass
         return run.result()
@@ -203,18 +215,22 @@ class Pipeline:
         return resolve_budget(default if budget is None else budget, self.manifest.shapes.visual_tokens, "this export")
 
     def _start(self, max_new_tokens: int, temperature: float, top_p: float, seed: int, budget: Budget | None,
-               position_policy: str | None, ignore_eos: bool) -> "_Run":
+               position_policy: str | None, ignore_eos: bool, kv: KVConfig | None = None) -> "_Run":
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
         policy = check_position_policy(position_policy or self.manifest.pruning.position_policy)
-        return _Run(self, sampling, self.resolve_budget(budget), policy, not ignore_eos)
+        kv = kv or KVConfig()
+        self.backend.check_kv(kv)
+        return _Run(self, sampling, self.resolve_budget(budget), policy, not ignore_eos, kv)
 
 
 class _Run:
     """One `generate` call: its budget, its KV cache and the decode loop as a generator, timed stage by stage."""
 
-    def __init__(self, pipe: Pipeline, sampling: SamplingConfig, k: int, position_policy: str, stop_at_eos: bool):
+    def __init__(self, pipe: Pipeline, sampling: SamplingConfig, k: int, position_policy: str, stop_at_eos: bool,
+                 kv: KVConfig):
         self.pipe, self.sampling, self.k, self.position_policy = pipe, sampling, k, position_policy
-        self.stop_at_eos = stop_at_eos
+        self.stop_at_eos, self.kv = stop_at_eos, kv
+        self.cache: KVCache | None = None  # set when the decode loop starts
         self.timings = Timings()
         self.rows: list[list[int]] = []
         self.start = time.perf_counter()
@@ -234,7 +250,11 @@ class _Run:
         prompt = backend.prune(batch.input_ids, batch.attention_mask, visual, self.k, self.position_policy)
         timings.prune, mark = _ms(mark), time.perf_counter()
         self.kept_index, self.prefill_length = prompt.kept_index.numpy(), prompt.inputs_embeds.shape[1]
-        logits, cache, counts = pipe.prefix_cache.prefill(backend, batch, prompt, frames)  # [B, V]
+        if self.kv.method == "none":
+            logits, cache, counts = pipe.prefix_cache.prefill(backend, batch, prompt, frames)  # [B, V]
+        else:  # a compressed cache holds other tokens per layer and head than a prefix's full KV
+            logits, cache = backend.prefill_compressed(prompt, self.kv)
+            counts = CacheCounts(0, len(logits))
         timings.prefill = _ms(mark)
         timings.prefix_cache_hits, timings.prefix_cache_misses = counts.hits, counts.misses
         return prompt, logits, cache
@@ -250,6 +270,7 @@ class _Run:
         position_ids [B, S] of what the cache holds; every token but the last is fed back into `cache`."""
         backend, special = self.pipe.backend, self.pipe.manifest.special_tokens
         step_times: list[float] = []
+        self.cache = cache
 
         def step(token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
             mark = time.perf_counter()
@@ -298,7 +319,8 @@ class _Run:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return GenerationResult(answers, sequences, self.kept_index, pipe.backend.name, pipe.reason,
                                 self.kept_index.shape[1], pipe.manifest.model.num_visual_tokens, self.prefill_length,
-                                self.timings, peak, pipe.manifest.quantization)
+                                self.timings, peak, pipe.manifest.quantization, self.kv,
+                                pipe.backend.kv_bytes(self.cache))
 
 
 def _ms(since: float) -> float:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from covipal.kv_compression import KVConfig
 from covipal.pruning import PrunedPrompt, Selector
 from covipal_export.manifest import Manifest
-from covipal_export.runtime.backend import Backend, KVCache
+from covipal_export.runtime.backend import Backend, CompressedKV, KVCache
 from covipal_export.runtime.reference import reference_from_manifest
 
 
@@ -51,6 +52,22 @@ class TorchBackend(Backend):
         embeds = self.model.embed_tokens(input_ids)  # [B, S, D]
         return self.model.decode(embeds, attention_mask, position_ids, cache.values)[:, -1].float()  # [B, V]
 
+    def check_kv(self, kv: KVConfig) -> None:
+        """Every method: `covipal.kv_cache.CompressedDecoder` runs the model's own modules."""
+
+    @torch.inference_mode()
+    def prefill_compressed(self, prompt: PrunedPrompt, kv: KVConfig) -> tuple[torch.Tensor, KVCache]:
+        from covipal.kv_cache import CompressedDecoder
+
+        decoder = CompressedDecoder(self.model, kv)
+        logits = decoder.prefill(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)  # [B, V]
+        return logits.float(), KVCache(TorchCompressedKV(self.model, decoder))
+
+    def full_kv_bytes(self, cache: KVCache) -> int:
+        from covipal.kv_cache import dynamic_cache_bytes
+
+        return dynamic_cache_bytes(cache.values)
+
     @torch.inference_mode()
     def copy_cache(self, cache: KVCache, length: int | None = None) -> KVCache:
         # a decode pass appends to the DynamicCache it is given (each layer's keys and values become new tensors,
@@ -59,3 +76,18 @@ class TorchBackend(Backend):
         for index, layer in enumerate(cache.values.layers):
             copied.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)  # [B, Hkv, length, Dh]
         return KVCache(copied)
+
+
+class TorchCompressedKV(CompressedKV):
+    """`covipal.kv_cache.CompressedDecoder` (the PyTorch path's own) behind the backend interface."""
+
+    def __init__(self, model, decoder):
+        self.model, self.decoder = model, decoder
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.decoder.peak_bytes
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.step(self.model.embed_tokens(token[:, None]), position_ids).float()  # [B, V]

@@ -151,6 +151,9 @@ class TrtBackend(GraphBackend):
         embeds = self.run(names.EMBED, {names.INPUT_IDS: input_ids})[names.TEXT_EMBEDS]  # [B, S, D], on the GPU
         return self._decode(cache, embeds, attention_mask, position_ids)
 
+    def full_kv_bytes(self, cache: KVCache) -> int:
+        return sum(value.numel() * value.element_size() for value in cache.values)
+
     def kv_head(self, value: torch.Tensor, length: int) -> torch.Tensor:
         with torch.cuda.stream(self.stream):  # the stream the engines read it on
             head = value[:, :, :length].clone(memory_format=torch.contiguous_format)  # [B, Hkv, length, Dh]
