@@ -34,6 +34,7 @@ POSITION_IDS = "position_ids"  # [batch, sequence] int64
 LOGITS = "logits"  # [batch, 1 | sequence, V]
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"  # [batch, Hkv, past, Dh]
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"  # [batch, Hkv, total, Dh]
+HIDDEN_STATES = "hidden_states.%d"  # [batch, sequence, D] inside decoder.onnx: the input of layer i (i >= 1)
 
 # Symbolic dimensions.
 BATCH, TEXT, SEQUENCE, PAST, TOTAL, KEPT = "batch", "text", "sequence", "past", "total", "kept"

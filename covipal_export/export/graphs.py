@@ -63,6 +63,7 @@ class OnnxSpec:
     output_names: list[str]
     dynamic_shapes: tuple
     dim_names: dict[str, str] = field(default_factory=dict)  # the exporter's dimension names -> canonical ones
+    layers: int = 0  # decoder layers whose outputs are named names.HIDDEN_STATES in the graph (0: none)
 
 
 class VisionGraph(nn.Module):
@@ -158,6 +159,6 @@ def graph_specs(model: VisionLanguageModel, strategy: Strategy, ranges: ShapeRan
         *names.graph_io(names.DECODER, num_layers),
         ({0: batch, 1: sequence}, {0: batch, 1: total}, {0: batch, 1: sequence},
          tuple(({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(num_layers))),
-        dim_names={f"{names.PAST} + {names.SEQUENCE}": names.TOTAL},
+        dim_names={f"{names.PAST} + {names.SEQUENCE}": names.TOTAL}, layers=num_layers,
     )
     return [vision, embed, prune, decoder]
