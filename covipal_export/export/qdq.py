@@ -14,11 +14,14 @@ scales (`quantized_weights` reads either form back, and the tests compare them b
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 QDQ_OPSET = 21  # blocked DequantizeLinear
@@ -38,11 +41,16 @@ class QuantizedWeight:
 def nbits_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> QuantizedWeight:
     """Unpack a symmetric MatMulNBits node's B and scales (it has no zero points)."""
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    k, n, bits, block = attributes["K"], attributes["N"], attributes["bits"], attributes["block_size"]
     if len(node.input) > 3 and node.input[3]:
         raise ValueError(f"{node.name}: zero points (an asymmetric grid) have no symmetric QDQ twin")
-    packed = numpy_helper.to_array(initializers[node.input[1]])  # [N, K/block, blob]
-    scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)  # [N, K/block]
+    return unpack_nbits(numpy_helper.to_array(initializers[node.input[1]]),
+                        numpy_helper.to_array(initializers[node.input[2]]), attributes["K"], attributes["N"],
+                        attributes["bits"], attributes["block_size"])
+
+
+def unpack_nbits(packed: np.ndarray, scales: np.ndarray, k: int, n: int, bits: int, block: int) -> QuantizedWeight:
+    """The integers and scales of MatMulNBits' B [N, K/block, blob] and scales [N * K/block] for a weight [K, N]."""
+    scales = scales.reshape(n, -1)  # [N, K/block]
     if bits == 4:
         values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)  # low nibble first
     else:
@@ -89,37 +97,84 @@ def quantized_weights(model: onnx.ModelProto) -> dict[str, QuantizedWeight]:
 
 
 def write_qdq_form(nbits_path: Path, out: Path) -> Path:
-    """The QDQ twin of a MatMulNBits model: each MatMulNBits becomes DequantizeLinear -> MatMul, same weights."""
-    model = onnx.load(nbits_path)
+    """The QDQ twin of a MatMulNBits model: each MatMulNBits becomes DequantizeLinear -> MatMul, same weights.
+
+    One weight is in memory at a time: the graph is read with its weights left on disk, and each weight is
+    repacked as it is written."""
+    model = ir.load(nbits_path)
     graph = model.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    nodes, added = [], []
-    for node in graph.node:
-        if node.op_type != "MatMulNBits":
-            nodes.append(node)
+    for node in list(graph):
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
-        weight = nbits_weight(node, initializers)
-        q_name, scale_name, dequantized = f"{node.name}_q", f"{node.name}_scales", f"{node.name}_weight"
-        if weight.bits == 4:
-            q = helper.make_tensor(q_name, TensorProto.INT4, weight.q.shape, pack_int4(weight.q), raw=True)
-        else:
-            q = numpy_helper.from_array(weight.q, q_name)
-        added += [q, numpy_helper.from_array(weight.scales, scale_name)]
-        nodes.append(helper.make_node("DequantizeLinear", [q_name, scale_name], [dequantized], name=f"{node.name}_dq",
-                                      axis=0, block_size=weight.block_size))
-        nodes.append(helper.make_node("MatMul", [node.input[0], dequantized], list(node.output), name=node.name))
-    used = {name for node in nodes for name in node.input}
-    kept = [tensor for tensor in graph.initializer if tensor.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    domains = {node.domain for node in nodes} - {"", "ai.onnx"}  # com.microsoft is no longer used
-    opsets = [helper.make_opsetid("", QDQ_OPSET)] + [o for o in model.opset_import if o.domain in domains]
-    del model.opset_import[:]
-    model.opset_import.extend(opsets)
-    save_model(model, out)
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            raise ValueError(f"{node.name}: zero points (an asymmetric grid) have no symmetric QDQ twin")
+        weights = [ir.Value(name=t.name, shape=t.shape, type=ir.TensorType(t.dtype), const_value=t)
+                   for t in _qdq_tensors(node)]
+        for value in weights:
+            graph.register_initializer(value)
+        block = node.attributes["block_size"].as_int()
+        dequantize = ir.node("DequantizeLinear", weights, {"axis": 0, "block_size": block}, name=f"{node.name}_dq",
+                             outputs=[ir.Value(name=f"{node.name}_weight")])
+        matmul = ir.node("MatMul", [node.inputs[0], dequantize.outputs[0]], name=node.name)
+        graph.insert_before(node, [dequantize, matmul])
+        output, packed = node.outputs[0], node.inputs[1:3]
+        ir.convenience.replace_all_uses_with(output, matmul.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        matmul.outputs[0].name = output.name
+        for value in packed:
+            if not value.uses():
+                graph.initializers.pop(value.name)
+    model.opset_imports.pop("com.microsoft", None)  # no longer used
+    model.opset_imports[""] = QDQ_OPSET
+    save_ir(model, out)
     return out
+
+
+def _qdq_tensors(node: ir.Node) -> tuple[ir.LazyTensor, ir.LazyTensor]:
+    """A MatMulNBits node's q [K, N] (INT4 or INT8) and scales [K/block, N], made when they are written."""
+    k, n, bits, block = (node.attributes[name].as_int() for name in ("K", "N", "bits", "block_size"))
+    packed, scales = node.inputs[1].const_value, node.inputs[2].const_value
+
+    def q() -> ir.TensorProtocol:
+        values = unpack_nbits(_read(packed), _read(scales), k, n, bits, block).q  # [K, N] int8
+        if bits == 4:
+            return ir.PackedTensor(np.frombuffer(pack_int4(values), np.uint8), ir.DataType.INT4, shape=values.shape)
+        return ir.tensor(values)
+
+    def transposed_scales() -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(_read(scales).reshape(n, -1).T))
+
+    return (ir.LazyTensor(q, ir.DataType(INT_TYPES[bits]), ir.Shape([k, n]), name=f"{node.name}_q"),
+            ir.LazyTensor(transposed_scales, scales.dtype, ir.Shape([-(-k // block), n]), name=f"{node.name}_scales"))
+
+
+def _read(tensor) -> np.ndarray:
+    """A weight's values, copied out of the file (its memory map is closed at once)."""
+    values = np.array(tensor.numpy())
+    if hasattr(tensor, "release"):
+        tensor.release()
+    return values
+
+
+def save_ir(model: ir.Model, path: Path) -> None:
+    """Write `model` to `path`, tensor by tensor, its initializers in `path.data` when they pass protobuf's 2 GB.
+
+    The files are replaced once all is written, so `model` may read its weights from the files it replaces (and
+    must not be used afterwards)."""
+    weights = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+    data = path.name + ".data"
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        external = data if weights > 2**31 - 2**26 else None
+        if external is None:  # one file: weights read from external data go into it
+            ir.external_data.load_to_model(model)
+        ir.save(model, scratch / path.name, external_data=external, max_in_flight_bytes=2**28)
+        if external is None and path.with_name(data).exists():
+            os.remove(path.with_name(data))
+        for written in scratch.iterdir():
+            os.replace(written, path.with_name(written.name))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -11,7 +11,8 @@ The quantizers are ONNX Runtime's, the maintained ones of the runtime we ship on
 symmetric grid (no zero points, which TensorRT's dequantize rejects) in blocks of `--quant-block` along each
 weight's input dimension:
 
-    rtn    `onnxruntime.quantization.MatMulNBitsQuantizer`: round to nearest, int8 or int4, in seconds
+    rtn    round to nearest, int8 or int4, in seconds: the block quantizer of `onnxruntime.quantization`'s
+           `MatMulNBitsQuantizer` (`DefaultWeightOnlyQuantizer`), applied one weight at a time (`rtn.py`)
     gptq   `onnxruntime.quantization.neural_compressor.weight_only.gptq_quantize` (what MatMulNBitsQuantizer runs for
            its GPTQWeightOnlyQuantConfig; called directly so the LM head can stay out), fed each layer's inputs on
            `--calib` real prompts (`calibration.py`); int4 only (its 8-bit result is not packed). In onnxruntime
@@ -40,6 +41,7 @@ from covipal.errors import CovipalError
 from covipal_export import names
 from covipal_export.export.calibration import CalibrationSet, calibration_pairs, decoder_feeds
 from covipal_export.export.qdq import save_model, write_qdq_form
+from covipal_export.export.rtn import quantize_rtn
 from covipal_export.manifest import GraphSpec, Manifest, QuantizationSpec, describe_files, save_manifest
 
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
@@ -57,7 +59,7 @@ DEFAULT_BLOCK = 32  # SmolLM2's GGUF (Q4_1) and llama.cpp's Q4/Q8 use blocks of 
 # q8_1 dot products do); it is ONNX Runtime's fast CPU path and what its fused QDQ form uses by default.
 ACCURACY_LEVEL = 4
 QDQ_SUFFIX = ".qdq.onnx"
-LIBRARIES = {"rtn": "onnxruntime.quantization.MatMulNBitsQuantizer",
+LIBRARIES = {"rtn": "onnxruntime.quantization.matmul_nbits_quantizer.DefaultWeightOnlyQuantizer, one weight at a time",
              "gptq": "onnxruntime.quantization.neural_compressor.weight_only.gptq_quantize"}
 
 
@@ -145,6 +147,7 @@ def quantize_export(directory: Path, manifest: Manifest, options: QuantOptions,
     if calibration is not None:
         quantization.calibration = calibration.record()
     manifest.graphs[names.DECODER], manifest.quantization = graph, quantization
+    manifest.resources = None  # an export's own record; quantizing a copy is not that export
     manifest.files = describe_files(directory)
     save_manifest(manifest, directory)
     return manifest
@@ -156,7 +159,7 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
     (same inputs and outputs) and the manifest's quantization entry (`feeds`: the decoder inputs a calibrated
     method sees)."""
     path = Path(directory) / graph.file
-    model = onnx.load(path)  # external data, if any, is read in
+    model = onnx.load(path, load_external_data=False)  # the graph; weights in external data stay on disk
     lm_head = lm_head_node(model)
     if lm_head is None:
         raise CovipalError(f"{graph.file}: no MatMul writes {names.LOGITS}, so the LM head cannot be told apart")
@@ -168,10 +171,10 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
     if options.chosen_method == "gptq":
         if not feeds:
             raise CovipalError("--quant-method gptq needs calibration inputs (none were given)")
-        model = _run_gptq(model, options, quantized, feeds)
-    else:
-        model = _run_quantizer(model, options, excluded)
-    save_model(model, path)  # one file again when the quantized weights fit in protobuf's 2 GB
+        onnx.load_external_data_for_model(model, str(path.parent))  # GPTQ runs the whole model
+        save_model(_run_gptq(model, options, quantized, feeds), path)  # one file again when it fits in 2 GB
+    else:  # one weight in memory at a time; one file again when the quantized weights fit in protobuf's 2 GB
+        quantize_rtn(path, quantized, options.bits, options.block, ACCURACY_LEVEL)
     external = path.name + ".data" if path.with_name(path.name + ".data").exists() else None
     graph = GraphSpec(graph.file, external, graph.inputs, graph.outputs)
     qdq_file = write_qdq_form(path, path.with_name(path.stem + QDQ_SUFFIX))
@@ -183,20 +186,6 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
                             library=f"{LIBRARIES[options.chosen_method]} (onnxruntime {onnxruntime.__version__})",
                             trt_file=qdq_file.name)
     return graph, spec
-
-
-def _run_quantizer(model: onnx.ModelProto, options: QuantOptions, excluded: list[str]) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    config = DefaultWeightOnlyQuantConfig(block_size=options.block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                          bits=options.bits)
-    logging.disable(logging.INFO)  # the quantizer logs every node it looks at
-    try:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=excluded)
-        quantizer.process()
-    finally:
-        logging.disable(logging.NOTSET)
-    return quantizer.model.model
 
 
 def _run_gptq(model: onnx.ModelProto, options: QuantOptions, quantized: list[str],
