@@ -4,6 +4,8 @@
                        elsewhere): what `/usr/bin/time -v` reports as "Maximum resident set size"
     rss_bytes          resident now
     available_bytes    what the machine can still allocate without swapping (MemAvailable)
+    release_memory     collect unreachable objects (an ONNX Runtime session in a reference cycle holds its weights
+                       until then) and hand the C heap's free pages back to the system (glibc's malloc_trim)
     PeakMemory         the peak over a window (the benchmark's per call): VmHWM after resetting it through
                        /proc/self/clear_refs (Linux >= 4.0). The reset also lowers what `time -v` sees, so
                        export and build never reset it.
@@ -11,6 +13,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 from pathlib import Path
 
@@ -36,6 +41,13 @@ def available_bytes() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) << 10
     raise CovipalError("/proc/meminfo has no MemAvailable")
+
+
+def release_memory() -> None:
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def gib(value: int) -> str:

@@ -12,6 +12,9 @@ DEFAULT_ROOT = Path("engines")  # where `python export.py` writes and `run_trt.p
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"  # tokenizer files, copied into the export directory
 ENGINE_DIR = "trt"  # TensorRT engines, built from the graphs after export (each described by its .engine.json)
+# A graph whose weights pass this keeps them in `<graph file>.data`, written tensor by tensor (one file is serialized
+# whole in memory: twice its weights). ONNX's own limit is 2 GB.
+EXTERNAL_DATA_BYTES = 2**28
 
 # Stages, in pipeline order, and their graph files.
 VISION, EMBED, PRUNE, DECODER = "vision", "embed", "prune", "decoder"

@@ -385,10 +385,8 @@ def test_linear_weights_are_written_transposed(exported, reference):
 @pytest.fixture(scope="module")
 def external(tmp_path_factory):
     """tiny-random-llava with every graph's weights in external data (as a 7B's are), not verified yet."""
-    from covipal_export.export import onnx_export
-
     patch = pytest.MonkeyPatch()
-    patch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    patch.setattr(names, "EXTERNAL_DATA_BYTES", 0)
     try:
         out = tmp_path_factory.mktemp("external") / "tiny-b8"
         return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, strategy="ppm", verify=False))

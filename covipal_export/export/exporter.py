@@ -16,7 +16,6 @@ Any failure removes the temp dir, so a failed export leaves nothing half-made be
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import platform
 import shutil
@@ -62,7 +61,7 @@ from covipal_export.manifest import (
     describe_files,
     save_manifest,
 )
-from covipal_export.memory import GIB, gib, peak_rss_bytes
+from covipal_export.memory import GIB, gib, peak_rss_bytes, release_memory
 from covipal_export.runtime.reference import DTYPES, load_reference_model
 
 
@@ -148,10 +147,11 @@ def export_model(options: ExportOptions) -> ExportResult:
                     graphs[spec.stage] = export_graph(spec, scratch, options.opset)
                     if spec.stage == names.VISION:
                         model.vision.to("meta")  # no later graph reads the vision tower: release its weights
+                    release_memory()  # and what the exporter made for this graph
             with _step(bar, steps, "manifest"):
                 manifest = write_manifest(scratch, model, options, pruning, ranges, graphs)
                 del model, strategy, spec  # ONNX Runtime gets the memory the PyTorch model held
-                gc.collect()
+                release_memory()
             if quantize:
                 with _step(bar, steps, f"quantize {options.quantization.quant}"):
                     manifest = quantize_export(scratch, manifest, options.quantization, calibration)

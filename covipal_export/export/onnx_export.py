@@ -25,14 +25,11 @@ from covipal_export.manifest import GraphSpec, TensorSpec
 EXPORTER = "torch.onnx.export(dynamo=True)"
 OPSETS = (18, 19, 20)
 DEFAULT_OPSET = 20
-# Weights past this go to `<graph file>.data`, written tensor by tensor: one file would be serialized in memory whole
-# (twice the weights, while the PyTorch model is still held). ONNX's own limit is 2 GB.
-EXTERNAL_DATA_BYTES = 2**28
 _LAYER_SCOPE = re.compile(r"\.layers\.(?:slice\([^)]*\)\.)?(\d+)$")  # `...layers.3`, `...layers.slice(None, 4, None).3`
 
 
 def export_graph(spec: OnnxSpec, directory: Path, opset: int) -> GraphSpec:
-    """Write `directory/<graph file>` (weights in `<graph file>.data` past `EXTERNAL_DATA_BYTES`) and return its spec.
+    """Write `directory/<graph file>` (weights in `<graph file>.data` past 256 MiB) and return its spec.
 
     The graph's weights are the module's own tensors until they are written to the data file, one at a time: a
     linear layer's transposed weight is made as it is written (`transpose_weights_on_write`), not folded into a
@@ -51,7 +48,7 @@ def export_graph(spec: OnnxSpec, directory: Path, opset: int) -> GraphSpec:
             name_layer_outputs(program.model, spec.layers)
         _rename_dims([*graph.inputs, *graph.outputs], spec.dim_names)
         weights = sum(value.const_value.nbytes for value in graph.initializers.values() if value.const_value)
-        program.save(path, external_data=weights > EXTERNAL_DATA_BYTES)
+        program.save(path, external_data=weights > names.EXTERNAL_DATA_BYTES)
     external = path.with_name(path.name + ".data")
     return GraphSpec(
         file=path.name,

@@ -24,6 +24,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from covipal_export import names
+
 QDQ_OPSET = 21  # blocked DequantizeLinear
 INT_TYPES = {4: TensorProto.INT4, 8: TensorProto.INT8}
 
@@ -157,7 +159,8 @@ def _read(tensor) -> np.ndarray:
 
 
 def save_ir(model: ir.Model, path: Path) -> None:
-    """Write `model` to `path`, tensor by tensor, its initializers in `path.data` when they pass protobuf's 2 GB.
+    """Write `model` to `path`, its initializers in `path.data`, tensor by tensor, when they pass 256 MiB
+    (`names.EXTERNAL_DATA_BYTES`).
 
     The files are replaced once all is written, so `model` may read its weights from the files it replaces (and
     must not be used afterwards)."""
@@ -165,7 +168,7 @@ def save_ir(model: ir.Model, path: Path) -> None:
     data = path.name + ".data"
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        external = data if weights > 2**31 - 2**26 else None
+        external = data if weights > names.EXTERNAL_DATA_BYTES else None
         if external is None:  # one file: weights read from external data go into it
             ir.external_data.load_to_model(model)
         ir.save(model, scratch / path.name, external_data=external, max_in_flight_bytes=2**28)
