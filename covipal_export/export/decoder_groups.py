@@ -55,12 +55,13 @@ def ort_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def layer_groups(path: Path, num_layers: int, budget: int) -> list[LayerGroup] | None:
-    """The decoder whole when ONNX Runtime holds its weights in `budget` bytes; else consecutive layers in groups
-    that each do (at least one layer a group; the last one holds the final norm and the LM head too); None when it
-    does not fit and its graph does not name its layers' outputs (an export made before they were named)."""
+def layer_groups(path: Path, num_layers: int, whole: int, budget: int) -> list[LayerGroup] | None:
+    """The decoder whole when ONNX Runtime holds its weights in `whole` bytes; else consecutive layers in groups
+    that each take at most `budget` (at least one layer a group; the last one holds the final norm and the LM head
+    too); None when it does not fit and its graph does not name its layers' outputs (an export made before they
+    were named)."""
     model = onnx.load(path, load_external_data=False)
-    if ort_bytes(model) <= budget:
+    if ort_bytes(model) <= whole:
         return [_cut(model, 0, num_layers, num_layers)]
     produced = {output for node in model.graph.node for output in node.output}
     if any(names.HIDDEN_STATES % i not in produced for i in range(1, num_layers)):

@@ -57,6 +57,7 @@ from covipal_export.runtime.reference import reference_from_manifest
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # max |diff| <= tolerance * max(1, max |reference|)
 HEADROOM = 0.8  # the share of the available memory one check's ONNX Runtime sessions may take
+GROUP_SHARE = 0.25  # ... and one group of layers, when the decoder does not fit whole
 
 
 @dataclass
@@ -179,7 +180,9 @@ class Verifier:
         steps = self.refs.decoder
         empty = self.past(steps[0], {})
         self.feeds[names.DECODER] = self.decoder_feeds(graph.inputs, {**steps[0].feeds, **empty})
-        groups = layer_groups(self.directory / graph.file, decoder.num_layers, int(HEADROOM * available_bytes()))
+        available = available_bytes()
+        groups = layer_groups(self.directory / graph.file, decoder.num_layers, int(HEADROOM * available),
+                              int(GROUP_SHARE * available))
         if groups is None:
             self.add(names.DECODER, "prefill and decode step", "skipped: too big for memory here, and its layers' "
                      "outputs are not named (exported before groups of layers): export again", None, required=False)
