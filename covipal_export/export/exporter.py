@@ -146,11 +146,12 @@ def export_model(options: ExportOptions) -> ExportResult:
                 with _step(bar, steps, f"export {names.GRAPH_FILES[spec.stage]}"):
                     graphs[spec.stage] = export_graph(spec, scratch, options.opset)
                     if spec.stage == names.VISION:
-                        model.vision.to("meta")  # no later graph reads the vision tower: release its weights
+                        release_weights(model.vision)  # no later graph reads the vision tower
                     release_memory()  # and what the exporter made for this graph
             with _step(bar, steps, "manifest"):
                 manifest = write_manifest(scratch, model, options, pruning, ranges, graphs)
-                del model, strategy, spec  # ONNX Runtime gets the memory the PyTorch model held
+                release_weights(model)  # ONNX Runtime gets the memory the PyTorch model held
+                del model, strategy, spec
                 release_memory()
             if quantize:
                 with _step(bar, steps, f"quantize {options.quantization.quant}"):
@@ -171,6 +172,13 @@ def export_model(options: ExportOptions) -> ExportResult:
     if report is not None:
         report.directory = options.out
     return ExportResult(options.out, manifest, report)
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Empty every parameter and buffer of `module` in place: the exporter keeps references to the tensor objects
+    it exported (onnxscript's rewrite rules hold the last graph they matched), not to their memory."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
 @contextlib.contextmanager
