@@ -44,7 +44,7 @@ class TensorSpec:
 @dataclass
 class GraphSpec:
     file: str
-    external_data: str | None  # the weights file next to `file`, for graphs with large weights (over 256 MiB)
+    external_data: str | None  # the weights file next to `file`, for graphs with large weights (over 128 MiB)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 

@@ -14,7 +14,7 @@ TOKENIZER_DIR = "tokenizer"  # tokenizer files, copied into the export directory
 ENGINE_DIR = "trt"  # TensorRT engines, built from the graphs after export (each described by its .engine.json)
 # A graph whose weights pass this keeps them in `<graph file>.data`, written tensor by tensor (one file is serialized
 # whole in memory: twice its weights). ONNX's own limit is 2 GB.
-EXTERNAL_DATA_BYTES = 2**28
+EXTERNAL_DATA_BYTES = 2**27
 
 # Stages, in pipeline order, and their graph files.
 VISION, EMBED, PRUNE, DECODER = "vision", "embed", "prune", "decoder"

@@ -29,7 +29,7 @@ _LAYER_SCOPE = re.compile(r"\.layers\.(?:slice\([^)]*\)\.)?(\d+)$")  # `...layer
 
 
 def export_graph(spec: OnnxSpec, directory: Path, opset: int) -> GraphSpec:
-    """Write `directory/<graph file>` (weights in `<graph file>.data` past 256 MiB) and return its spec.
+    """Write `directory/<graph file>` (weights in `<graph file>.data` past 128 MiB) and return its spec.
 
     The graph's weights are the module's own tensors until they are written to the data file, one at a time: a
     linear layer's transposed weight is made as it is written (`transpose_weights_on_write`), not folded into a

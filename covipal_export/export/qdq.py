@@ -159,7 +159,7 @@ def _read(tensor) -> np.ndarray:
 
 
 def save_ir(model: ir.Model, path: Path) -> None:
-    """Write `model` to `path`, its initializers in `path.data`, tensor by tensor, when they pass 256 MiB
+    """Write `model` to `path`, its initializers in `path.data`, tensor by tensor, when they pass 128 MiB
     (`names.EXTERNAL_DATA_BYTES`).
 
     The files are replaced once all is written, so `model` may read its weights from the files it replaces (and

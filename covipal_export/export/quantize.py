@@ -173,7 +173,7 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
             raise CovipalError("--quant-method gptq needs calibration inputs (none were given)")
         onnx.load_external_data_for_model(model, str(path.parent))  # GPTQ runs the whole model
         save_model(_run_gptq(model, options, quantized, feeds), path)  # one file again when it fits in 2 GB
-    else:  # one weight in memory at a time; one file again when the quantized weights fit in 256 MiB
+    else:  # one weight in memory at a time; one file again when the quantized weights fit in 128 MiB
         quantize_rtn(path, quantized, options.bits, options.block, ACCURACY_LEVEL)
     external = path.name + ".data" if path.with_name(path.name + ".data").exists() else None
     graph = GraphSpec(graph.file, external, graph.inputs, graph.outputs)
