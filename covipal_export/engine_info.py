@@ -62,6 +62,7 @@ class EngineInfo:
     workspace_mb: int | None
     seconds: float
     gather: str = "native"  # "plugin": the PPM engine holds the TopKGather plugin (register it before loading)
+    peak_rss_bytes: int | None = None  # the building process's resident high-water mark once this engine was built
 
 
 def engine_path(directory: Path, stage: str) -> Path:

@@ -44,7 +44,7 @@ class TensorSpec:
 @dataclass
 class GraphSpec:
     file: str
-    external_data: str | None  # the weights file next to `file`, for graphs over 2 GB
+    external_data: str | None  # the weights file next to `file`, for graphs with large weights (over 128 MiB)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
@@ -67,6 +67,7 @@ class ModelSpec:
     image_size: int  # S
     num_visual_tokens: int  # N
     image_token_id: int
+    random_init: str | None = None  # how random weights were made (ModelInfo.random_init); None: the model built whole
 
 
 @dataclass
@@ -182,6 +183,22 @@ class FileEntry:
 
 
 @dataclass
+class StepResources:
+    seconds: float
+    peak_rss_bytes: int  # the process's resident high-water mark at the end of the step (it only grows)
+
+
+@dataclass
+class Resources:
+    """What making the export took, measured by the process that made it."""
+
+    seconds: float
+    peak_rss_bytes: int  # the process's resident high-water mark: loading, export, quantization and verification
+    steps: dict[str, StepResources]
+    machine: str  # "2 CPUs, 23.4 GiB RAM"
+
+
+@dataclass
 class Manifest:
     format_version: int
     model: ModelSpec
@@ -196,6 +213,7 @@ class Manifest:
     files: dict[str, FileEntry]  # every file of the directory but the manifest, by relative path
     quantization: QuantizationSpec | None = None  # None: the decoder's weights are in the model dtype
     kv_variant: KVVariantSpec | None = None  # None: exported without --kv-variant (no KV compression at run time)
+    resources: Resources | None = None  # None: written before it was recorded, or quantized in a copy since
 
     def graph_path(self, directory: Path, stage: str) -> Path:
         return Path(directory) / self.graphs[stage].file

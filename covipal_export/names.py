@@ -12,6 +12,9 @@ DEFAULT_ROOT = Path("engines")  # where `python export.py` writes and `run_trt.p
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"  # tokenizer files, copied into the export directory
 ENGINE_DIR = "trt"  # TensorRT engines, built from the graphs after export (each described by its .engine.json)
+# A graph whose weights pass this keeps them in `<graph file>.data`, written tensor by tensor (one file is serialized
+# whole in memory: twice its weights). ONNX's own limit is 2 GB.
+EXTERNAL_DATA_BYTES = 2**27
 
 # Stages, in pipeline order, and their graph files.
 VISION, EMBED, PRUNE, DECODER = "vision", "embed", "prune", "decoder"
@@ -41,6 +44,7 @@ INPUT_MASK = "input_mask"  # [batch, sequence] bool, the new tokens' own validit
 PAST_MASK = "past_mask.%d"  # [batch, Hq, past_%d] bool, which past slot each query head may attend to
 NEW_KEY, NEW_KEY_PRE, NEW_VALUE = "new.%d.key", "new.%d.key_pre", "new.%d.value"  # [batch, Hkv, sequence, Dh]
 WINDOW_QUERY = "window_query.%d"  # [batch, Hq, window, Dh] the last `window` queries (post-RoPE), SnapKV's rows
+HIDDEN_STATES = "hidden_states.%d"  # [batch, sequence, D] inside decoder.onnx: the input of layer i (i >= 1)
 
 # Symbolic dimensions.
 BATCH, TEXT, SEQUENCE, PAST, TOTAL, KEPT = "batch", "text", "sequence", "past", "total", "kept"

@@ -27,7 +27,7 @@ from covipal.pruning import text_for_scoring
 from covipal.selection import keep_topk_in_order
 from covipal.strategies import make_strategy
 from covipal_export import names
-from covipal_export.export.exporter import ExportOptions, export_model, install, writable_parent
+from covipal_export.export.exporter import ExportOptions, describe, export_model, install, writable_parent
 from covipal_export.export.graphs import graph_specs, shape_ranges
 from covipal_export.export.onnx_export import export_graph
 from covipal_export.export.pruning_choice import (
@@ -346,3 +346,88 @@ def test_unwritable_output_directory(tmp_path):
     assert_one_line_error(run_export("--model", "tiny-random-llava", "--budget", "8", "--out", str(target)),
                           f"cannot create {target}")
     assert not target.exists()
+
+
+def test_the_manifest_records_time_and_peak_memory(exported, tmp_path):
+    resources = exported.manifest.resources
+    steps = resources.steps
+    assert list(steps)[:3] == ["load model", "PyTorch references", "export vision.onnx"] and "verify" in steps
+    assert resources.peak_rss_bytes >= steps["verify"].peak_rss_bytes >= steps["load model"].peak_rss_bytes > 2**20
+    assert resources.seconds >= sum(step.seconds for step in steps.values()) - 1 and "CPUs" in resources.machine
+    assert f"peak RSS {resources.peak_rss_bytes / 2**30:.2f} GiB" in describe(exported)
+    record = json.loads((exported.directory / names.MANIFEST_FILE).read_text())
+    del record["resources"], record["model"]["random_init"]  # a manifest written before they were recorded
+    (tmp_path / names.MANIFEST_FILE).write_text(json.dumps(record))
+    older = load_manifest(tmp_path)
+    assert older.resources is None and older.model.random_init is None
+
+
+def test_random_weights_made_another_way_are_refused(exported):
+    manifest = copy.deepcopy(exported.manifest)
+    manifest.model.random_weights, manifest.model.random_init = True, "by-layer"  # tiny-random-llava is built whole
+    with pytest.raises(CovipalError, match="random weights were made .* cannot be rebuilt: export again"):
+        reference_from_manifest(manifest)
+
+
+def test_linear_weights_are_written_transposed(exported, reference):
+    """Each linear layer's MatMul reads W^T, written from the module's weight (no Transpose left in the graph)."""
+    model, _ = reference
+    graph = onnx.load(exported.directory / "decoder.onnx").graph
+    weights = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    assert not [node for node in graph.node if node.op_type == "Transpose" and node.input[0] in weights]
+    matmuls = [weights[node.input[1]] for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+    q_proj = model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert any(np.array_equal(w, q_proj.T) for w in matmuls) and len(matmuls) == 15  # 7 a layer x 2, the LM head
+    produced = {output for node in graph.node for output in node.output}
+    assert {names.HIDDEN_STATES % i for i in (1, 2)} <= produced  # each layer's output, named for groups of layers
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    """tiny-random-llava with every graph's weights in external data (as a 7B's are), not verified yet."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(names, "EXTERNAL_DATA_BYTES", 0)
+    try:
+        out = tmp_path_factory.mktemp("external") / "tiny-b8"
+        return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out, strategy="ppm", verify=False))
+    finally:
+        patch.undo()
+
+
+def checked_by_groups(directory: Path, monkeypatch) -> dict[str, object]:
+    """Verify `directory` with too little memory for its decoder whole: each layer on its own."""
+    from covipal_export.export import verify
+    from covipal_export.export.decoder_groups import ort_bytes
+
+    whole = ort_bytes(onnx.load(directory / "decoder.onnx", load_external_data=False))
+    monkeypatch.setattr(verify, "available_bytes", lambda: int(whole / verify.HEADROOM) - 1)
+    report = verify_export(directory, polygraphy=False)
+    return report, {check.what: check for check in report.checks}
+
+
+def test_a_decoder_too_big_for_memory_is_checked_by_groups_of_layers(external, monkeypatch):
+    manifest = external.manifest
+    assert all(graph.external_data == graph.file + ".data" for graph in manifest.graphs.values())
+    report, rows = checked_by_groups(external.directory, monkeypatch)
+    assert report.passed, report.table()
+    assert rows["checked by groups of layers"].result == "2 groups: layers 0, 1"
+    for step in ("prefill", "decode step"):  # fp32: every layer's logits and KV within 1e-4, as whole
+        assert rows[f"{step} logits max |diff|"].ok and rows[f"{step} present max |diff|"].ok
+    skipped = rows["greedy tokens, batch 2, keep"]
+    assert skipped.ok is None and not skipped.required and skipped.result.startswith("skipped: needs ~")
+
+
+def test_groups_of_layers_catch_a_changed_weight(external, tmp_path, monkeypatch):
+    directory = tmp_path / "changed"
+    shutil.copytree(external.directory, directory)
+    graph = onnx.load(directory / "decoder.onnx", load_external_data=False).graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    start = next(i for i, n in enumerate(graph.node) if names.HIDDEN_STATES % 1 in n.output)
+    tensor = next(weights[n.input[1]] for n in graph.node[start:] if n.op_type == "MatMul" and n.input[1] in weights)
+    offset = int(next(entry.value for entry in tensor.external_data if entry.key == "offset"))
+    with open(directory / "decoder.onnx.data", "r+b") as data:
+        data.seek(offset)
+        data.write(np.full(16, 0.5, np.float32).tobytes())  # a few weights of layer 1's first linear layer
+    report, rows = checked_by_groups(directory, monkeypatch)
+    assert not report.passed
+    assert rows["prefill logits max |diff|"].ok is False and rows["decode step logits max |diff|"].ok is False

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil, LlavaProcessor
+from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
 from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, generate
 from covipal.models import MODEL_NAMES, load_model
+from covipal.models.random_init import fill_random, fill_units
 from covipal.models.tiny import CHAT_TEMPLATE
 from covipal.strategies import make_strategy
 
@@ -58,6 +59,41 @@ def test_llava_13b_random_weights_and_fewer_layers():
                      .hf_model.parameters()) / 1e9, 2) == 13.35
     short = load_model("llava-1.5-7b", random_weights=True, num_layers=2, device="meta")
     assert short.text_config.num_hidden_layers == 2 and "2 decoder layers" in short.info.source
+
+
+def meta_tiny_llava():
+    """tiny-random-llava's architecture on the meta device (nothing allocated)."""
+    from covipal.models.tiny import build_config, build_tokenizer
+
+    config = build_config(build_tokenizer())
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config).eval()
+
+
+def test_random_weights_are_made_one_layer_at_a_time():
+    """Never a whole fp32 copy: when each unit is done, the model holds the finished units in fp16, the rest on meta."""
+    model = meta_tiny_llava()
+    done = []
+    for unit in fill_units(model, torch.float16):
+        made = [p for p in model.parameters() if p.device.type != "meta"]
+        assert {p.dtype for p in made} == {torch.float16}, unit
+        done.append(len(made))
+    assert done == sorted(done) and len(done) > 2 * model.config.text_config.num_hidden_layers
+    assert all(p.device.type == "cpu" for p in [*model.parameters(), *model.buffers()])
+    layer = model.model.language_model.layers[0]
+    assert torch.all(layer.input_layernorm.weight.detach() == 1)  # the model's own init: norms at one
+    assert 0.05 < float(layer.mlp.up_proj.weight.detach().float().std()) < 0.15  # initializer_range 0.1
+
+
+def test_random_weights_are_seeded_and_the_same_in_every_dtype():
+    made = {}
+    for dtype in (torch.float32, torch.float16, torch.float16):
+        torch.manual_seed(3)
+        made.setdefault(dtype, []).append(fill_random(meta_tiny_llava(), dtype).state_dict())
+    full, (half, again) = made[torch.float32][0], made[torch.float16]
+    for key, value in full.items():
+        assert torch.equal(half[key], value.to(half[key].dtype)) and torch.equal(half[key], again[key]), key
 
 
 def test_llava_checkpoint_from_local_path(tiny, tmp_path, images, questions):

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from covipal_export import names
 from covipal_export.export.exporter import ExportOptions, export_model
+from covipal_export.export.nbits import quantize_matmuls, rtn_quantizer
 from covipal_export.export.qdq import QuantizedWeight, pack_int4, quantized_weights, unpack_int4
-from covipal_export.export.quantize import QuantOptions, quantize_export
+from covipal_export.export.quantize import QuantOptions, constant_matmuls, lm_head_node, quantize_export
 from covipal_export.manifest import load_manifest
 from covipal_export.runtime import Pipeline
 
@@ -322,3 +323,31 @@ def test_a_gptq_export_is_calibrated_verified_and_has_the_same_weights_in_both_f
                for k in mine), "GPTQ changed no weight"
     pipe = Pipeline.from_dir(out, backend="ort")
     assert pipe.generate(IMAGE, "What?", max_new_tokens=2).to_json()["quantization"]["calibration"]["count"] == 4
+
+
+def test_rtn_one_weight_at_a_time_writes_what_onnxruntimes_quantizer_writes(tiny_export, tmp_path):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    path = tmp_path / "decoder.onnx"
+    shutil.copy(tiny_export / "decoder.onnx", path)
+    model = onnx.load(path)
+    lm_head = lm_head_node(model)
+    matmuls = [name for name in constant_matmuls(model) if name != lm_head]
+    quantize_matmuls(path, matmuls, 4, 32, 4, rtn_quantizer(4, 32, 4))
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=4)
+    library = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=[lm_head])
+    library.process()
+
+    def nodes(model):
+        return {node.name: (list(node.input), list(node.output), {a.name: helper.get_attribute_value(a)
+                                                                 for a in node.attribute})
+                for node in model.graph.node if node.op_type == "MatMulNBits"}
+
+    def weights(model):
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                if t.name.endswith(("_Q4", "_scales"))}
+
+    ours, theirs = onnx.load(path), library.model.model
+    assert nodes(ours) == nodes(theirs) and len(nodes(ours)) == 14
+    mine, expected = weights(ours), weights(theirs)
+    assert mine.keys() == expected.keys() and all(np.array_equal(mine[k], expected[k]) for k in mine)

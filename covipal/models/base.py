@@ -28,6 +28,7 @@ class ModelInfo:
     name: str  # registry name, e.g. "llava-1.5-7b"
     source: str  # a Hub id, a local path, or "random weights (...)"
     random_weights: bool = False  # seeded random weights (rebuilt exactly from the registry), not a checkpoint
+    random_init: str | None = None  # how they were made: random_init.RANDOM_INIT, or None (the model built whole)
 
 
 class VisionLanguageModel(nn.Module):

@@ -20,6 +20,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from covipal.errors import CovipalError
 from covipal.models.base import ModelInfo, VisionLanguageModel
 from covipal.models.llava import adapter_from_hf, num_visual_tokens, processor_from_hf
+from covipal.models.random_init import RANDOM_INIT, fill_random
 from covipal.models.tiny import build_tiny_llava
 
 
@@ -102,11 +103,15 @@ def _random_llava(name: str, spec: LlavaSpec, num_layers: int | None, dtype: tor
                   device: str | torch.device) -> VisionLanguageModel:
     config = spec.config(num_layers)
     config._attn_implementation = "sdpa"
-    with torch.device(device):
-        hf_model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    with torch.device("meta"):
+        hf_model = LlavaForConditionalGeneration(config).eval()
+    if torch.device(device).type == "meta":
+        hf_model = hf_model.to(dtype)
+    else:  # one layer at a time in fp32, then dtype: never a whole fp32 copy (a 7B model would need 28 GB)
+        hf_model = fill_random(hf_model, dtype).to(device)
     layers = config.text_config.num_hidden_layers
     info = ModelInfo(name, f"random weights, architecture of {spec.repo_id} ({layers} decoder layers)",
-                     random_weights=True)
+                     random_weights=True, random_init=RANDOM_INIT)
     processor = None
     cached = _cached_snapshot(spec.repo_id)
     if cached is not None:  # the tokenizer and chat template are small; use them when they are at hand

@@ -20,7 +20,6 @@ decodes the same count; its stage timings (milliseconds) are the Pipeline's own:
 from __future__ import annotations
 
 import ctypes
-import resource
 import time
 import traceback
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from covipal.errors import CovipalError
 from covipal.models.processing import PromptBatch
 from covipal_export.manifest import Manifest
+from covipal_export.memory import PeakMemory
 from covipal_export.runtime.backend import Backend
 from covipal_export.runtime.pipeline import GenerationResult, Pipeline
 
@@ -165,36 +165,6 @@ def time_selection(backend: Backend, visual: torch.Tensor, text_embeds: torch.Te
         mark = time.perf_counter()
         backend.selector.select(visual, text_embeds, text_mask, budget)
         return _ms(mark)
-
-
-class PeakMemory:
-    """This process's peak resident memory over a window: VmHWM after resetting it through
-    /proc/self/clear_refs (Linux >= 4.0); where that is refused, the peak since the process started."""
-
-    def __init__(self):
-        self.mode = "per call" if self.reset() else "since process start"
-
-    def reset(self) -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
-
-    def peak_mb(self) -> float:
-        if self.mode == "per call":
-            return _status_kib("VmHWM") / 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-    def rss_mb(self) -> float:
-        return _status_kib("VmRSS") / 1024
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise CovipalError(f"/proc/self/status has no {field}")
 
 
 class _NvmlMemory(ctypes.Structure):

@@ -8,6 +8,8 @@ from typing import NoReturn
 
 from covipal.cli import ArgumentParser, positive_int, run
 from covipal_export.build.engines import build_engines
+from covipal_export.engine_info import EngineInfo
+from covipal_export.memory import gib
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +27,13 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TensorRT package to build with (default: tensorrt where it imports, else tensorrt_rtx)")
 
 
+def print_engines(infos: list[EngineInfo]) -> None:
+    """One line an engine: what built it, in how long, and the builder's peak memory so far."""
+    for info in infos:
+        print(f"  engine {info.stage:8} {info.module} {info.version} for {info.target}: {info.seconds:.1f} s, "
+              f"peak RSS {gib(info.peak_rss_bytes)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m covipal_export.build", description=__doc__)
     parser.add_argument("directory", help="an export directory (with manifest.json) made by export.py")
@@ -32,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     infos = build_engines(args.directory, module=args.module, gather=args.gather, workspace_mb=args.workspace_mb,
                           compute_capability=args.compute_capability)
-    for info in infos:
-        print(f"  {info.stage:8} {info.module} {info.version} for {info.target}: {info.seconds:.1f} s")
+    print_engines(infos)
     print(f"engines written to {args.directory}/trt")
     return 0
 

@@ -38,6 +38,7 @@ from covipal_export.engine_info import (
     write_engine_info,
 )
 from covipal_export.manifest import Manifest, load_manifest, sha256_of
+from covipal_export.memory import available_bytes, gib, peak_rss_bytes
 from covipal_export.plugin.trt_plugin import register_plugin
 
 TIMING_CACHE = "timing.cache"  # beside the export directories (engines/timing.cache), shared by their builds
@@ -163,11 +164,12 @@ def build_engine(trt: ModuleType, manifest: Manifest, directory: Path, stage: st
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = "; ".join(logger.errors[-3:]) or "no error message"
-        raise CovipalError(f"TensorRT could not build {onnx_path.name}: {detail}")
+        raise CovipalError(f"TensorRT could not build {onnx_path.name}: {detail} (this process's peak RSS "
+                           f"{gib(peak_rss_bytes())}; {gib(available_bytes())} of memory still available)")
     (engine_dir / f"{stage}.engine").write_bytes(bytes(serialized))
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     info = EngineInfo(stage, onnx_path.name, sha256_of(onnx_path), trt.__name__, trt.__version__, target, inputs,
-                      outputs, profiles, workspace_mb, round(time.perf_counter() - start, 2), gather)
+                      outputs, profiles, workspace_mb, round(time.perf_counter() - start, 2), gather, peak_rss_bytes())
     write_engine_info(info, engine_dir)
     return info
 

@@ -12,7 +12,7 @@ from covipal.errors import CovipalError
 from covipal.models import MODEL_NAMES
 from covipal.pruning import POSITION_POLICIES
 from covipal.strategies import STRATEGY_NAMES
-from covipal_export.build.cli import add_build_arguments
+from covipal_export.build.cli import add_build_arguments, print_engines
 from covipal_export.build.engines import build_engines, build_target, check_gather
 from covipal_export.engine_info import import_tensorrt
 from covipal_export.export.exporter import ExportOptions, VerificationFailed, describe, export_model
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         except CovipalError as error:
             raise CovipalError(f"{error} (the export in {result.directory} is complete and runs on ONNX Runtime; "
                                f"only its engines are missing)") from None
-        for info in infos:
-            print(f"  engine {info.stage:8} {info.module} {info.version} for {info.target}: {info.seconds:.1f} s")
+        print_engines(infos)
     return 0
 
 

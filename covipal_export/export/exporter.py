@@ -1,12 +1,16 @@
 """Export a registered model to a directory: four ONNX graphs, tokenizer files and `manifest.json`.
 
-    check options and output -> load model + strategy -> check the budget -> temp dir beside the output
-      -> vision.onnx, embed.onnx, ppm.onnx, decoder.onnx (+ decoder_kv.onnx with --kv-variant) -> tokenizer/
-      -> manifest.json
+    check options and output -> load model + strategy -> check the budget -> PyTorch's outputs for verification
+      -> temp dir beside the output -> vision.onnx (then the vision tower is released), embed.onnx, ppm.onnx,
+         decoder.onnx (+ decoder_kv.onnx with --kv-variant) -> tokenizer/ -> manifest.json -> the PyTorch model
+         is released
       -> quantize the decoder (--quant: decoder.onnx in place + decoder.qdq.onnx, manifest rewritten; a calibrated
          --quant-method first runs its --calib pairs through the new graphs)
-      -> verify (optional) -> rename the temp dir to the output (replacing an old export with --force)
+      -> verify (optional; against the outputs kept from PyTorch) -> record time and peak memory in the manifest
+      -> rename the temp dir to the output (replacing an old export with --force)
 
+Peak memory is about one copy of the weights in the export dtype: the model is built or loaded in that dtype,
+graphs are written tensor by tensor, and no ONNX Runtime session opens while the PyTorch model is held.
 Any failure removes the temp dir, so a failed export leaves nothing half-made behind.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -38,6 +43,7 @@ from covipal_export import names
 from covipal_export.export.graphs import (
     graph_specs,
     kv_cache_shape,
+    kv_methods,
     kv_variant_manifest,
     kv_variant_spec,
     shape_ranges,
@@ -45,6 +51,7 @@ from covipal_export.export.graphs import (
 from covipal_export.export.onnx_export import DEFAULT_OPSET, EXPORTER, OPSETS, export_graph
 from covipal_export.export.pruning_choice import check_strategy, choose_pruning
 from covipal_export.export.quantize import QuantOptions, quantize_export
+from covipal_export.export.references import References, compute_references
 from covipal_export.export.verify import Report, verify_export
 from covipal_export.manifest import (
     FORMAT_VERSION,
@@ -54,13 +61,16 @@ from covipal_export.manifest import (
     Manifest,
     ModelSpec,
     PruningSpec,
+    Resources,
     ShapeRanges,
     SpecialTokens,
+    StepResources,
     TokenizerSpec,
     Versions,
     describe_files,
     save_manifest,
 )
+from covipal_export.memory import GIB, gib, peak_rss_bytes, release_memory
 from covipal_export.runtime.reference import DTYPES, load_reference_model
 
 
@@ -108,8 +118,7 @@ class ExportOptions:
 @dataclass
 class ExportResult:
     directory: Path
-    manifest: Manifest
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time per step
+    manifest: Manifest  # its `resources` hold the time and peak memory of each step
     report: Report | None = None
 
 
@@ -122,14 +131,15 @@ class VerificationFailed(Exception):
 
 
 def export_model(options: ExportOptions) -> ExportResult:
-    """Export as `options` say; returns the final directory, its manifest and the time of each step."""
+    """Export as `options` say; returns the final directory, its manifest (with the time and peak memory of each
+    step) and the verification report."""
     parent = writable_parent(options.out, options.force)
     calibration = options.quantization.calibration_set(options.model)  # refused here, before anything is exported
-    seconds: dict[str, float] = {}
+    steps: dict[str, StepResources] = {}
     quantize = options.quantization.bits is not None
-    steps = 4 + len(names.STAGES) + quantize + options.kv_variant
-    with tqdm(total=steps, unit="step", leave=False, disable=None, file=sys.stderr) as bar:
-        with _step(bar, seconds, "load model"):
+    count = 5 + len(names.STAGES) + quantize + options.verify + options.kv_variant
+    with tqdm(total=count, unit="step", leave=False, disable=None, file=sys.stderr) as bar:
+        with _step(bar, steps, "load model"):
             model = load_reference_model(options.model, dtype=options.dtype, path=options.model_path,
                                          random_weights=options.random_weights, num_layers=options.layers,
                                          seed=options.seed)
@@ -137,47 +147,78 @@ def export_model(options: ExportOptions) -> ExportResult:
             strategy, pruning = choose_pruning(model, options.strategy, options.ppm, budget,
                                                options.position_policy, options.seed, options.random_weights)
             ranges = shape_ranges(model, options.max_batch)
+        references: References | None = None
+        if options.verify:
+            with _step(bar, steps, "PyTorch references"):
+                references = compute_references(model, strategy, budget, options.position_policy,
+                                                options.logits == "last", kv_methods=kv_methods(options.kv_variant))
         scratch = make_scratch(parent, options.out)
         try:
             graphs = {}
             for spec in graph_specs(model, strategy, ranges, budget, options.logits == "last"):
-                with _step(bar, seconds, f"export {names.GRAPH_FILES[spec.stage]}"):
+                with _step(bar, steps, f"export {names.GRAPH_FILES[spec.stage]}"):
                     graphs[spec.stage] = export_graph(spec, scratch, options.opset)
+                    if spec.stage == names.VISION:
+                        release_weights(model.vision)  # no later graph reads the vision tower
+                    release_memory()  # and what the exporter made for this graph
             kv_variant = None
             if options.kv_variant:
-                with _step(bar, seconds, f"export {names.KV_DECODER_FILE}"):
+                with _step(bar, steps, f"export {names.KV_DECODER_FILE}"):
                     kv_variant = kv_variant_manifest(model, export_graph(kv_variant_spec(model, ranges), scratch,
                                                                          options.opset))
-            with _step(bar, seconds, "manifest"):
+                    release_memory()
+            with _step(bar, steps, "manifest"):
                 manifest = write_manifest(scratch, model, options, pruning, ranges, graphs, kv_variant)
+                release_weights(model)  # ONNX Runtime gets the memory the PyTorch model held
+                del model, strategy, spec
+                release_memory()
             if quantize:
-                with _step(bar, seconds, f"quantize {options.quantization.quant}"):
+                with _step(bar, steps, f"quantize {options.quantization.quant}"):
                     manifest = quantize_export(scratch, manifest, options.quantization, calibration)
             report = None
-            if options.verify:
-                with _step(bar, seconds, "verify"):
-                    report = verify_export(scratch, model, strategy)
+            if references is not None:
+                with _step(bar, steps, "verify"):
+                    report = verify_export(scratch, references=references)
                 if not report.passed:
                     raise VerificationFailed(report)
+            manifest.resources = Resources(round(sum(step.seconds for step in steps.values()), 1), peak_rss_bytes(),
+                                           steps, machine())
+            save_manifest(manifest, scratch)  # not among its own files: the checksums verified still hold
             install(scratch, options.out)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
     if report is not None:
         report.directory = options.out
-    return ExportResult(options.out, manifest, seconds, report)
+    return ExportResult(options.out, manifest, report)
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Empty every parameter and buffer of `module` in place: the exporter keeps references to the tensor objects
+    it exported (onnxscript's rewrite rules hold the last graph they matched), not to their memory."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
 @contextlib.contextmanager
-def _step(bar: tqdm, seconds: dict[str, float], name: str):
-    """Show a step on the progress bar and record its wall time."""
+def _step(bar: tqdm, steps: dict[str, StepResources], name: str):
+    """Show a step on the progress bar; record its wall time and the peak resident memory so far."""
     bar.set_description(name)
     start = time.perf_counter()
     try:
         yield
     finally:
-        seconds[name] = time.perf_counter() - start
+        steps[name] = StepResources(round(time.perf_counter() - start, 1), peak_rss_bytes())
         bar.update()
+
+
+def machine() -> str:
+    """"2 CPUs, 23.4 GiB RAM" (Linux; the CPU count alone elsewhere)."""
+    try:
+        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        memory = ""
+    return f"{os.cpu_count()} CPUs{memory} ({platform.machine()})"
 
 
 def write_manifest(directory: Path, model: VisionLanguageModel, options: ExportOptions, pruning: PruningSpec,
@@ -259,6 +300,7 @@ def model_spec(model: VisionLanguageModel, options: ExportOptions) -> ModelSpec:
         random_weights=options.random_weights, seed=options.seed, dtype=options.dtype,
         hidden_size=model.hidden_size, vocab_size=model.text_config.vocab_size, image_size=model.image_size,
         num_visual_tokens=model.num_visual_tokens, image_token_id=model.image_token_id,
+        random_init=model.info.random_init,
     )
 
 
@@ -280,13 +322,13 @@ def special_tokens(model: VisionLanguageModel) -> SpecialTokens:
 
 
 def describe(result: ExportResult) -> str:
-    """A few lines for the terminal: where, what, how long."""
+    """A few lines for the terminal: where, what, how long, how much memory (the peak so far after each step)."""
     manifest = result.manifest
-    total = sum(result.seconds.values())
+    resources = manifest.resources
     quantized = manifest.quantization
     weights = f"{manifest.model.dtype}, decoder {quantized.summary()}" if quantized else manifest.model.dtype
     lines = [f"exported {manifest.model.name} ({weights}, opset {manifest.versions.opset}) to "
-             f"{result.directory} in {total:.1f} s",
+             f"{result.directory} in {resources.seconds:.1f} s, peak RSS {gib(resources.peak_rss_bytes)}",
              f"  pruning: {manifest.pruning.strategy}, default budget {manifest.pruning.default_budget} of "
              f"{manifest.model.num_visual_tokens}, positions {manifest.pruning.position_policy} "
              f"({manifest.pruning.note})"]
@@ -299,8 +341,9 @@ def describe(result: ExportResult) -> str:
         ort_form = _mib(manifest, decoder.file, decoder.external_data)
         trt_form = _mib(manifest, quantized.trt_file, trt_data if trt_data in manifest.files else None)
         sizes[f"quantize int{quantized.bits}"] = f"{ort_form:9.1f} MiB (+ {trt_form:.1f} MiB {quantized.trt_file})"
-    for step, seconds in result.seconds.items():
-        lines.append(f"  {step:<20} {seconds:6.1f} s  {sizes.get(step, '')}".rstrip())
+    for name, step in resources.steps.items():
+        lines.append(f"  {name:<20} {step.seconds:6.1f} s  peak {gib(step.peak_rss_bytes):>9}  "
+                     f"{sizes.get(name, '')}".rstrip())
     return "\n".join(lines)
 
 

@@ -69,6 +69,7 @@ class OnnxSpec:
     output_names: list[str]
     dynamic_shapes: tuple
     dim_names: dict[str, str] = field(default_factory=dict)  # the exporter's dimension names -> canonical ones
+    layers: int = 0  # decoder layers whose outputs are named names.HIDDEN_STATES in the graph (0: none)
 
 
 class VisionGraph(nn.Module):
@@ -164,7 +165,7 @@ def graph_specs(model: VisionLanguageModel, strategy: Strategy, ranges: ShapeRan
         *names.graph_io(names.DECODER, num_layers),
         ({0: batch, 1: sequence}, {0: batch, 1: total}, {0: batch, 1: sequence},
          tuple(({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(num_layers))),
-        dim_names={f"{names.PAST} + {names.SEQUENCE}": names.TOTAL},
+        dim_names={f"{names.PAST} + {names.SEQUENCE}": names.TOTAL}, layers=num_layers,
     )
     return [vision, embed, prune, decoder]
 
@@ -235,10 +236,15 @@ def kv_variant_spec(model: VisionLanguageModel, ranges: ShapeRanges) -> OnnxSpec
                     dim_names={min_window: names.WINDOW})
 
 
+def kv_methods(kv_variant: bool) -> tuple[str, ...]:
+    """The KV compression methods decoder_kv.onnx runs (none without the variant)."""
+    return tuple(m for m in KV_METHODS if m != "none") if kv_variant else ()
+
+
 def kv_variant_manifest(model: VisionLanguageModel, graph: GraphSpec) -> KVVariantSpec:
     """The manifest's kv_variant section for an exported decoder_kv.onnx."""
     rotary = model.language_model.rotary_emb
-    return KVVariantSpec(graph=graph, methods=[m for m in KV_METHODS if m != "none"],
+    return KVVariantSpec(graph=graph, methods=list(kv_methods(True)),
                          num_attention_heads=model.text_config.num_attention_heads, window=KVConfig().window,
                          scaling=float(model.language_model.layers[0].self_attn.scaling),
                          rope_inv_freq=rotary.inv_freq.float().tolist(),

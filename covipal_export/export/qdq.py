@@ -15,16 +15,20 @@ The Q4_1 grid (`q4_1.py`) adds a block-offset MatMul beside each quantized one, 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from covipal_export.export.q4_1 import OFFSETS_SUFFIX
+from covipal_export import names
 
 QDQ_OPSET = 21  # blocked DequantizeLinear
+OFFSETS_SUFFIX = "_offsets"  # {MatMulNBits name}_offsets [K/block, N]: a weight's block offsets (q4_1)
 INT_TYPES = {4: TensorProto.INT4, 8: TensorProto.INT8}
 
 
@@ -46,25 +50,37 @@ class QuantizedWeight:
                 and np.array_equal(self.scales, other.scales) and same_offsets)
 
 
+def offsets_name(weight_name: str) -> str:
+    """The initializer of a quantized weight's block offsets (`weight_name`: its MatMulNBits node's name)."""
+    return weight_name + OFFSETS_SUFFIX
+
+
 def _offsets(name: str, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    tensor = initializers.get(name + OFFSETS_SUFFIX)
+    tensor = initializers.get(offsets_name(name))
     return None if tensor is None else numpy_helper.to_array(tensor)
 
 
 def nbits_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> QuantizedWeight:
     """Unpack a symmetric MatMulNBits node's B and scales (it has no zero points)."""
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    k, n, bits, block = attributes["K"], attributes["N"], attributes["bits"], attributes["block_size"]
     if len(node.input) > 3 and node.input[3]:
         raise ValueError(f"{node.name}: zero points (an asymmetric grid) have no symmetric QDQ twin")
-    packed = numpy_helper.to_array(initializers[node.input[1]])  # [N, K/block, blob]
-    scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)  # [N, K/block]
+    weight = unpack_nbits(numpy_helper.to_array(initializers[node.input[1]]),
+                          numpy_helper.to_array(initializers[node.input[2]]), attributes["K"], attributes["N"],
+                          attributes["bits"], attributes["block_size"])
+    weight.offsets = _offsets(node.name, initializers)
+    return weight
+
+
+def unpack_nbits(packed: np.ndarray, scales: np.ndarray, k: int, n: int, bits: int, block: int) -> QuantizedWeight:
+    """The integers and scales of MatMulNBits' B [N, K/block, blob] and scales [N * K/block] for a weight [K, N]."""
+    scales = scales.reshape(n, -1)  # [N, K/block]
     if bits == 4:
         values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)  # low nibble first
     else:
         values = packed.reshape(n, -1)
     q = (values.astype(np.int16) - (1 << (bits - 1)))[:, :k]  # [N, K] (K padded up to whole blocks)
-    return QuantizedWeight(q.T.astype(np.int8), scales.T.copy(), bits, block, _offsets(node.name, initializers))
+    return QuantizedWeight(q.T.astype(np.int8), scales.T.copy(), bits, block)
 
 
 def pack_int4(q: np.ndarray) -> bytes:
@@ -106,37 +122,85 @@ def quantized_weights(model: onnx.ModelProto) -> dict[str, QuantizedWeight]:
 
 
 def write_qdq_form(nbits_path: Path, out: Path) -> Path:
-    """The QDQ twin of a MatMulNBits model: each MatMulNBits becomes DequantizeLinear -> MatMul, same weights."""
-    model = onnx.load(nbits_path)
+    """The QDQ twin of a MatMulNBits model: each MatMulNBits becomes DequantizeLinear -> MatMul, same weights.
+
+    One weight is in memory at a time: the graph is read with its weights left on disk, and each weight is
+    repacked as it is written."""
+    model = ir.load(nbits_path)
     graph = model.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    nodes, added = [], []
-    for node in graph.node:
-        if node.op_type != "MatMulNBits":
-            nodes.append(node)
+    for node in list(graph):
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
-        weight = nbits_weight(node, initializers)
-        q_name, scale_name, dequantized = f"{node.name}_q", f"{node.name}_scales", f"{node.name}_weight"
-        if weight.bits == 4:
-            q = helper.make_tensor(q_name, TensorProto.INT4, weight.q.shape, pack_int4(weight.q), raw=True)
-        else:
-            q = numpy_helper.from_array(weight.q, q_name)
-        added += [q, numpy_helper.from_array(weight.scales, scale_name)]
-        nodes.append(helper.make_node("DequantizeLinear", [q_name, scale_name], [dequantized], name=f"{node.name}_dq",
-                                      axis=0, block_size=weight.block_size))
-        nodes.append(helper.make_node("MatMul", [node.input[0], dequantized], list(node.output), name=node.name))
-    used = {name for node in nodes for name in node.input}
-    kept = [tensor for tensor in graph.initializer if tensor.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    domains = {node.domain for node in nodes} - {"", "ai.onnx"}  # com.microsoft is no longer used
-    opsets = [helper.make_opsetid("", QDQ_OPSET)] + [o for o in model.opset_import if o.domain in domains]
-    del model.opset_import[:]
-    model.opset_import.extend(opsets)
-    save_model(model, out)
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            raise ValueError(f"{node.name}: zero points (an asymmetric grid) have no symmetric QDQ twin")
+        weights = [ir.Value(name=t.name, shape=t.shape, type=ir.TensorType(t.dtype), const_value=t)
+                   for t in _qdq_tensors(node)]
+        for value in weights:
+            graph.register_initializer(value)
+        block = node.attributes["block_size"].as_int()
+        dequantize = ir.node("DequantizeLinear", weights, {"axis": 0, "block_size": block}, name=f"{node.name}_dq",
+                             outputs=[ir.Value(name=f"{node.name}_weight")])
+        matmul = ir.node("MatMul", [node.inputs[0], dequantize.outputs[0]], name=node.name)
+        graph.insert_before(node, [dequantize, matmul])
+        output, packed = node.outputs[0], node.inputs[1:3]
+        ir.convenience.replace_all_uses_with(output, matmul.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        matmul.outputs[0].name = output.name
+        for value in packed:
+            if not value.uses():
+                graph.initializers.pop(value.name)
+    model.opset_imports.pop("com.microsoft", None)  # no longer used
+    model.opset_imports[""] = QDQ_OPSET
+    save_ir(model, out)
     return out
+
+
+def _qdq_tensors(node: ir.Node) -> tuple[ir.LazyTensor, ir.LazyTensor]:
+    """A MatMulNBits node's q [K, N] (INT4 or INT8) and scales [K/block, N], made when they are written."""
+    k, n, bits, block = (node.attributes[name].as_int() for name in ("K", "N", "bits", "block_size"))
+    packed, scales = node.inputs[1].const_value, node.inputs[2].const_value
+
+    def q() -> ir.TensorProtocol:
+        values = unpack_nbits(_read(packed), _read(scales), k, n, bits, block).q  # [K, N] int8
+        if bits == 4:
+            return ir.PackedTensor(np.frombuffer(pack_int4(values), np.uint8), ir.DataType.INT4, shape=values.shape)
+        return ir.tensor(values)
+
+    def transposed_scales() -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(_read(scales).reshape(n, -1).T))
+
+    return (ir.LazyTensor(q, ir.DataType(INT_TYPES[bits]), ir.Shape([k, n]), name=f"{node.name}_q"),
+            ir.LazyTensor(transposed_scales, scales.dtype, ir.Shape([-(-k // block), n]), name=f"{node.name}_scales"))
+
+
+def _read(tensor) -> np.ndarray:
+    """A weight's values, copied out of the file (its memory map is closed at once)."""
+    values = np.array(tensor.numpy())
+    if hasattr(tensor, "release"):
+        tensor.release()
+    return values
+
+
+def save_ir(model: ir.Model, path: Path) -> None:
+    """Write `model` to `path`, its initializers in `path.data`, tensor by tensor, when they pass 128 MiB
+    (`names.EXTERNAL_DATA_BYTES`).
+
+    The files are replaced once all is written, so `model` may read its weights from the files it replaces (and
+    must not be used afterwards)."""
+    weights = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+    data = path.name + ".data"
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        external = data if weights > names.EXTERNAL_DATA_BYTES else None
+        if external is None:  # one file: weights read from external data go into it
+            ir.external_data.load_to_model(model)
+        ir.save(model, scratch / path.name, external_data=external, max_in_flight_bytes=2**28)
+        if external is None and path.with_name(data).exists():
+            os.remove(path.with_name(data))
+        for written in scratch.iterdir():
+            os.replace(written, path.with_name(written.name))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -11,7 +11,8 @@ The quantizers are ONNX Runtime's, the maintained ones of the runtime we ship on
 symmetric grid (no zero points, which TensorRT's dequantize rejects) in blocks of `--quant-block` along each
 weight's input dimension:
 
-    rtn    `onnxruntime.quantization.MatMulNBitsQuantizer`: round to nearest, int8 or int4, in seconds
+    rtn    round to nearest, int8 or int4, in seconds: the block quantizer of `onnxruntime.quantization`'s
+           `MatMulNBitsQuantizer` (`DefaultWeightOnlyQuantizer`), applied one weight at a time (`nbits.py`)
     q4_1   llama.cpp's Q4_1 through gguf-py: round to nearest between each block's minimum and maximum, a scale and
            a minimum per 32 weights; int4, blocks of 32; the minimum becomes a block-offset MatMul (`q4_1.py`), so
            both forms still have no zero points. It keeps a Q4_1 GGUF's grid exactly (mini-llava's SmolLM2)
@@ -42,9 +43,10 @@ import onnxruntime
 from covipal.errors import CovipalError
 from covipal_export import names
 from covipal_export.export.calibration import CalibrationSet, calibration_pairs, decoder_feeds
+from covipal_export.export.nbits import quantize_matmuls, rtn_quantizer
 from covipal_export.export.q4_1 import BLOCK as Q4_1_BLOCK
 from covipal_export.export.q4_1 import library as q4_1_library
-from covipal_export.export.q4_1 import rewrite_q4_1
+from covipal_export.export.q4_1 import q4_1_nbits
 from covipal_export.export.qdq import save_model, write_qdq_form
 from covipal_export.manifest import GraphSpec, Manifest, QuantizationSpec, describe_files, save_manifest
 
@@ -64,7 +66,7 @@ DEFAULT_BLOCK = 32  # SmolLM2's GGUF (Q4_1) and llama.cpp's Q4/Q8 use blocks of 
 # q8_1 dot products do); it is ONNX Runtime's fast CPU path and what its fused QDQ form uses by default.
 ACCURACY_LEVEL = 4
 QDQ_SUFFIX = ".qdq.onnx"
-LIBRARIES = {"rtn": "onnxruntime.quantization.MatMulNBitsQuantizer",
+LIBRARIES = {"rtn": "onnxruntime.quantization.matmul_nbits_quantizer.DefaultWeightOnlyQuantizer, one weight at a time",
              "gptq": "onnxruntime.quantization.neural_compressor.weight_only.gptq_quantize"}
 
 
@@ -158,6 +160,7 @@ def quantize_export(directory: Path, manifest: Manifest, options: QuantOptions,
     if calibration is not None:
         quantization.calibration = calibration.record()
     manifest.graphs[names.DECODER], manifest.quantization = graph, quantization
+    manifest.resources = None  # an export's own record; quantizing a copy is not that export
     manifest.files = describe_files(directory)
     save_manifest(manifest, directory)
     return manifest
@@ -169,7 +172,7 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
     (same inputs and outputs) and the manifest's quantization entry (`feeds`: the decoder inputs a calibrated
     method sees)."""
     path = Path(directory) / graph.file
-    model = onnx.load(path)  # external data, if any, is read in
+    model = onnx.load(path, load_external_data=False)  # the graph; weights in external data stay on disk
     lm_head = lm_head_node(model)
     if lm_head is None:
         raise CovipalError(f"{graph.file}: no MatMul writes {names.LOGITS}, so the LM head cannot be told apart")
@@ -178,42 +181,27 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
     quantized = [name for name in candidates if name not in excluded]
     if not quantized:
         raise CovipalError(f"{graph.file} has no MatMul with a constant weight to quantize")
-    if options.chosen_method == "q4_1":
-        model = rewrite_q4_1(model, quantized, ACCURACY_LEVEL)
-    elif options.chosen_method == "gptq":
+    if options.chosen_method == "gptq":
         if not feeds:
             raise CovipalError("--quant-method gptq needs calibration inputs (none were given)")
-        model = _run_gptq(model, options, quantized, feeds)
-    else:
-        model = _run_quantizer(model, options, excluded)
-    save_model(model, path)  # one file again when the quantized weights fit in protobuf's 2 GB
-    del model  # write_qdq_form reads the file: one quantized model in memory at a time
+        onnx.load_external_data_for_model(model, str(path.parent))  # GPTQ runs the whole model
+        save_model(_run_gptq(model, options, quantized, feeds), path)  # one file again when it fits in 2 GB
+    else:  # one weight in memory at a time; one file again when the quantized weights fit in 128 MiB
+        quantize = q4_1_nbits if options.chosen_method == "q4_1" else rtn_quantizer(options.bits, options.block,
+                                                                                       ACCURACY_LEVEL)
+        quantize_matmuls(path, quantized, options.bits, options.block, ACCURACY_LEVEL, quantize)
     external = path.name + ".data" if path.with_name(path.name + ".data").exists() else None
     graph = GraphSpec(graph.file, external, graph.inputs, graph.outputs)
     qdq_file = write_qdq_form(path, path.with_name(path.stem + QDQ_SUFFIX))
     layers = (f"{len(quantized)} of {len(candidates)} MatMuls with constant weights (every linear layer"
               f"{', the LM head included' if options.lm_head else '; not the LM head'})")
-    library = (q4_1_library() if options.chosen_method == "q4_1" else LIBRARIES[options.chosen_method])
+    library = q4_1_library() if options.chosen_method == "q4_1" else LIBRARIES[options.chosen_method]
     spec = QuantizationSpec(bits=options.bits, block_size=options.block, method=options.chosen_method,
                             symmetric=options.chosen_method != "q4_1", accuracy_level=ACCURACY_LEVEL, layers=layers,
                             quantized_matmuls=quantized, lm_head=options.lm_head, calibration=None,
                             library=f"{library} (onnxruntime {onnxruntime.__version__})", trt_file=qdq_file.name,
                             block_offsets=options.chosen_method == "q4_1")
     return graph, spec
-
-
-def _run_quantizer(model: onnx.ModelProto, options: QuantOptions, excluded: list[str]) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    config = DefaultWeightOnlyQuantConfig(block_size=options.block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                          bits=options.bits)
-    logging.disable(logging.INFO)  # the quantizer logs every node it looks at
-    try:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=excluded)
-        quantizer.process()
-    finally:
-        logging.disable(logging.NOTSET)
-    return quantizer.model.model
 
 
 def _run_gptq(model: onnx.ModelProto, options: QuantOptions, quantized: list[str],

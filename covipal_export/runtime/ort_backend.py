@@ -34,18 +34,23 @@ ORT_DEVICES = {CPU: "cpu", CUDA: "cuda"}
 PROVIDER_OPTIONS = {CUDA: {"use_tf32": "0"}}
 
 
-def new_session(path: Path, providers: list[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
+def new_session(model: Path | bytes, providers: list[str] | None = None, threads: int | None = None,
+                external_data_dir: Path | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session that logs errors only (CPU unless `providers` says otherwise).
 
+    model: a graph file, or a serialized graph whose external weights are in `external_data_dir`.
     threads: intra-op threads (None: ONNX Runtime's default, one per physical core).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
     if threads is not None:
         options.intra_op_num_threads = threads
+    if external_data_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
     providers = providers or [CPU]
     provider_options = [PROVIDER_OPTIONS.get(name, {}) for name in providers]
-    return ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+    model = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(model, options, providers=providers, provider_options=provider_options)
 
 
 class OrtBackend(GraphBackend):

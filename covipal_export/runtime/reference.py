@@ -53,7 +53,15 @@ def reference_from_manifest(manifest: Manifest) -> tuple[VisionLanguageModel, St
     layers = manifest.decoder.num_layers if spec.random_weights else None
     model = load_reference_model(spec.name, dtype=spec.dtype, path=spec.path, random_weights=spec.random_weights,
                                  num_layers=layers, seed=spec.seed)
+    if spec.random_weights and model.info.random_init != spec.random_init:
+        raise CovipalError(f"{spec.name}: this export's random weights were made {_init_words(spec.random_init)}, "
+                           f"this version makes them {_init_words(model.info.random_init)}; they cannot be rebuilt: "
+                           f"export again")
     pruning = manifest.pruning
     if pruning.ppm is None:
         return model, make_strategy(pruning.strategy)
     return model, make_strategy("ppm", ppm=build_ppm(pruning.ppm, model))
+
+
+def _init_words(scheme: str | None) -> str:
+    return "with the whole model built at once" if scheme is None else f"{scheme!r}"
