@@ -274,26 +274,31 @@ def test_quantizing_twice_is_refused(int4_export, tmp_path):
 
 @pytest.mark.skipif(not HAS_RTX, reason="needs TensorRT-RTX (the trt-rtx extra) to build engines without a GPU")
 def test_tensorrt_rtx_builds_the_int4_qdq_decoders_and_refuses_int8_in_one_line(tiny_export, tmp_path, request):
-    """int4 rtn and q4_1 (its block offsets are standard ops) build; int8 rtn has negative scales, refused."""
-    from covipal.errors import CovipalError
-    from covipal_export.build.engines import build_engines
+    """int4 rtn and q4_1 (its block offsets are standard ops) build; int8 rtn has negative scales, refused.
 
+    Only the decoder is quantized, so only its engine is built for mini-llava (test_trt_build builds whole exports).
+    """
+    from covipal.errors import CovipalError
+    from covipal_export.build.engines import build_engine, build_engines
+    from covipal_export.engine_info import import_tensorrt
+
+    trt = import_tensorrt("tensorrt_rtx")
     sources = [tiny_export]
     if all(importlib.util.find_spec(p) for p in MINI_PACKAGES):
         sources.append(request.getfixturevalue("mini_demo_export"))
     for source, options in [(s, o) for s in sources for o in (QuantOptions("int4"), QuantOptions("int4", 32, "q4_1"))]:
         out = quantized_copy(source, tmp_path / options.chosen_method, options)
-        infos = {info.stage: info for info in build_engines(out, module="tensorrt_rtx")}
-        decoder = infos[names.DECODER]
+        manifest = load_manifest(out)
+        decoder = build_engine(trt, manifest, out, names.DECODER, tmp_path, workspace_mb=None, target="sm89",
+                               timing_cache=tmp_path / "timing.cache")
         assert decoder.onnx_file == "decoder.qdq.onnx" and decoder.target == "sm89"
-        assert decoder.onnx_sha256 == load_manifest(out).files["decoder.qdq.onnx"].sha256
-        assert (out / names.ENGINE_DIR / "decoder.engine").stat().st_size > 0
-    for source in sources:
-        out = quantized_copy(source, tmp_path, QuantOptions("int8"))
-        with pytest.raises(CovipalError, match="Scale coefficients must all be positive.*export with --quant int4 "
-                                               "for TensorRT") as error:
-            build_engines(out, module="tensorrt_rtx")
-        assert "\n" not in str(error.value) and not (out / names.ENGINE_DIR).exists()
+        assert decoder.onnx_sha256 == manifest.files["decoder.qdq.onnx"].sha256
+        assert (tmp_path / "decoder.engine").stat().st_size > 0
+    out = quantized_copy(tiny_export, tmp_path, QuantOptions("int8"))
+    with pytest.raises(CovipalError, match="Scale coefficients must all be positive.*export with --quant int4 "
+                                           "for TensorRT") as error:
+        build_engines(out, module="tensorrt_rtx")
+    assert "\n" not in str(error.value) and not (out / names.ENGINE_DIR).exists()
 
 
 def test_a_gptq_export_is_calibrated_verified_and_has_the_same_weights_in_both_forms(int4_export, tmp_path):
