@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -147,3 +148,31 @@ def test_variants_run_side_by_side_on_quantized_copies(capsys, report, work_dir)
     assert (quantized / "decoder.qdq.onnx").is_file() and not list(work_dir.glob("*.partial"))
     code, _, err = bench(capsys, *args)  # the quantized copy is reused
     assert code == 0 and "reusing the int4 export in" in err
+
+
+def test_an_export_given_by_directory_is_measured_as_it_is(capsys, report, tmp_path):
+    """--export DIR: a quantized export (the full-size int4 path) measured without exporting or quantizing again."""
+    from covipal_export.export.quantize import QuantOptions, quantize_export
+    from covipal_export.manifest import load_manifest
+
+    given = tmp_path / "tiny-int4"
+    shutil.copytree(report["model"]["export_dir"], given)
+    quantize_export(given, load_manifest(given), QuantOptions("int4"))
+    out = tmp_path / "given.json"
+    code, table, err = bench(capsys, "--export", str(given), "--budgets", "8", "--backends", "ort", "--repeats", "1",
+                             "--warmup", "0", "--new-tokens", "3", "--threads", "1", "--json", str(out))
+    assert code == 0, err
+    assert "export" not in err.replace("--export", "") and "quantizing" not in err
+    assert "decoder weights: int4 rtn, block 32" in table
+    measured = json.loads(out.read_text())
+    assert measured["model"]["export_dir"] == str(given)
+    assert [(r["variant"], r["budget"]) for r in measured["records"]] == [("int4", 64), ("int4", 8)]
+    for args, message in [(("--dtype", "fp16"), f"--dtype make an export; --export measures {given} as it was"),
+                          (("--random-weights", "--layers", "2"), "--random-weights, --layers make an export"),
+                          (("--variants", "int4,int8"), "--variants int8: the export is already quantized (int4)")]:
+        code, out_, err = bench(capsys, "--export", str(given), "--budgets", "8", "--backends", "ort", *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and out_ == "" and len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
+    code, _, err = bench(capsys, "--export", str(given), "--model", "tiny-random-llava", "--budgets", "8",
+                         "--backends", "ort")
+    assert code == 2 and "not allowed with argument" in err

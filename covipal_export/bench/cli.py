@@ -1,6 +1,7 @@
 """`python -m covipal_export.bench`: latency and memory per (backend, weights, budget), measured interleaved.
 
-    export (or reuse) DIR in --work-dir -> a quantized copy of it per int8/int4 variant (DIR-int4, ...)
+    export (or reuse) DIR in --work-dir, or take --export DIR as it is
+      -> a quantized copy of it per int8/int4 variant (DIR-int4, ...)
       -> one worker process per (backend, variant) -> warm-up + repeats rounds, each round one call per
       (budget, backend, variant), alternating the order -> medians [min-max] -> ratios -> tables, JSON, plot
 
@@ -54,15 +55,20 @@ DEFAULT_QUESTION = "What is the person in this picture wearing, and what is in t
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m covipal_export.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES, metavar="NAME",
-                        help=f"registered model: {', '.join(MODEL_NAMES)}")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", choices=MODEL_NAMES, metavar="NAME",
+                        help=f"registered model, exported (or reused) in --work-dir: {', '.join(MODEL_NAMES)}")
+    source.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="an export directory measured as it is (quantized or not; its manifest says what it "
+                             "holds): no export options apply")
     parser.add_argument("--budgets", required=True,
                         help=f"comma-separated visual-token budgets; '{ALL}' = N (always measured, as the reference)")
     parser.add_argument("--backends", required=True, help=f"comma-separated, from: {', '.join(BACKEND_NAMES)}")
     parser.add_argument("--variants", default=None, metavar="LIST",
-                        help="comma-separated decoder weights measured side by side: the export's --dtype and int8, "
-                             "int4 (a copy of the export with export.py's --quant, RTN, block "
-                             f"{DEFAULT_BLOCK}), int4-q4_1 (--quant-method q4_1); default: --dtype alone")
+                        help="comma-separated decoder weights measured side by side: the export's own (its --dtype, "
+                             "or its quantization with --export) and int8, int4 (a copy of the export with export.py's "
+                             f"--quant, RTN, block {DEFAULT_BLOCK}), int4-q4_1 (--quant-method q4_1); default: the "
+                             "export's own alone")
     parser.add_argument("--quant-lm-head", action="store_true",
                         help="the int8/int4 variants quantize the LM head too (export.py's --quant-lm-head)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the records as JSON to OUT")
@@ -71,7 +77,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--random-weights", action="store_true", help="the architecture with seeded random weights")
     parser.add_argument("--layers", type=positive_int, default=None,
                         help="decoder layers to build, with --random-weights (stated in the output)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="default: %(default)s")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default=None, help="default: fp32")
     parser.add_argument("--strategy", choices=STRATEGY_NAMES, default=None, metavar="S",
                         help="pruning strategy of the export (default: export.py's: a random PPM for --random-weights, "
                              "mini-llava's bundled PPM, else the measured training-free default)")
@@ -102,15 +108,40 @@ def parse_backends(text: str) -> list[str]:
     return backends
 
 
-def parse_variants(text: str | None, dtype: str) -> list[str]:
-    """The decoder weights to measure, in order: the export dtype (unquantized) and/or int8, int4, int4-q4_1."""
+def parse_variants(text: str | None, own: str, quantized: bool = False) -> list[str]:
+    """The decoder weights to measure, in order: the export's own (its dtype, or its quantization) and/or int8, int4,
+    int4-q4_1 (copies of an unquantized export)."""
     if text is None:
-        return [dtype]
+        return [own]
     variants = list(dict.fromkeys(part.strip() for part in text.split(",")))
     for name in variants:
-        if name != dtype:
-            variant_options(name, lm_head=False)  # a variant the bench cannot make is refused here
+        if name == own:
+            continue
+        variant_options(name, lm_head=False)  # a variant the bench cannot make is refused here
+        if quantized:
+            raise CovipalError(f"--variants {name}: the export is already quantized ({own}); a quantized copy is made "
+                               f"from an unquantized export")
     return variants
+
+
+def own_variant(manifest: Manifest) -> str:
+    """An export's own decoder weights as a variant name: its dtype, or int8 / int4 / int4-q4_1 ..."""
+    quantization = manifest.quantization
+    if quantization is None:
+        return manifest.model.dtype
+    return f"int{quantization.bits}" + ("" if quantization.method == "rtn" else f"-{quantization.method}")
+
+
+def given_export(args) -> tuple[Path, Manifest]:
+    """--export DIR, checked (manifest and checksums) and measured as it is; export options are refused with it."""
+    from covipal_export.runtime.export_dir import open_export
+
+    given = [flag for flag, value in (("--random-weights", args.random_weights), ("--layers", args.layers),
+                                      ("--dtype", args.dtype), ("--strategy", args.strategy), ("--ppm", args.ppm))
+             if value]
+    if given:
+        raise CovipalError(f"{', '.join(given)} make an export; --export measures {args.export} as it was exported")
+    return args.export, open_export(args.export)
 
 
 def variant_options(variant: str, lm_head: bool) -> QuantOptions:
@@ -355,21 +386,27 @@ def describe_run(model: dict, machine: dict, settings: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     requested_budgets, backends = parse_budgets(args.budgets), parse_backends(args.backends)
-    variants = parse_variants(args.variants, args.dtype)
+    if args.export:
+        directory, manifest = given_export(args)
+    else:
+        args.dtype = args.dtype or "fp32"
+    own = own_variant(manifest) if args.export else args.dtype
+    variants = parse_variants(args.variants, own, quantized=bool(args.export and manifest.quantization))
     if args.plot:
         require_matplotlib()
     if args.warmup < 0:
         raise CovipalError(f"--warmup must be 0 or more, got {args.warmup}")
-    if args.quant_lm_head and variants == [args.dtype]:
+    if args.quant_lm_head and variants == [own]:
         raise CovipalError("--quant-lm-head needs an int8 or int4 variant in --variants")
     if args.layers and not args.random_weights:
         raise CovipalError("--layers needs --random-weights (pretrained weights keep all their layers)")
     quiet_libraries()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the workers
-    directory, manifest = prepared_export(args)
+    if not args.export:
+        directory, manifest = prepared_export(args)
     num_visual = manifest.model.num_visual_tokens
     budgets = resolve_budgets(requested_budgets, num_visual)
-    exports = {v: (directory, manifest) if v == args.dtype else quantized_variant(directory, v, args.quant_lm_head)
+    exports = {v: (directory, manifest) if v == own else quantized_variant(directory, v, args.quant_lm_head)
                for v in variants}
     machine = machine_info(args.threads)
     lanes = {lane(b, v): (b, v) for b in backends for v in variants}
