@@ -4,6 +4,7 @@
                        elsewhere): what `/usr/bin/time -v` reports as "Maximum resident set size"
     rss_bytes          resident now
     available_bytes    what the machine can still allocate without swapping (MemAvailable)
+    total_bytes        the machine's physical memory
     release_memory     collect unreachable objects (an ONNX Runtime session in a reference cycle holds its weights
                        until then) and hand the C heap's free pages back to the system (glibc's malloc_trim)
     PeakMemory         the peak over a window (the benchmark's per call): VmHWM after resetting it through
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
+import os
 import resource
 from pathlib import Path
 
@@ -26,28 +29,37 @@ GIB = 2**30
 
 def peak_rss_bytes() -> int:
     try:
-        return _status_kib("VmHWM") << 10
+        return _proc_kib("self/status", "VmHWM") << 10
     except (OSError, CovipalError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10  # KiB on Linux
 
 
 def rss_bytes() -> int:
-    return _status_kib("VmRSS") << 10
+    return _proc_kib("self/status", "VmRSS") << 10
 
 
 def available_bytes() -> int:
     """MemAvailable of /proc/meminfo."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) << 10
-    raise CovipalError("/proc/meminfo has no MemAvailable")
+    return _proc_kib("meminfo", "MemAvailable") << 10
+
+
+def total_bytes() -> int:
+    """Physical memory (POSIX sysconf; raises where the system has no such figure)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def release_memory() -> None:
     gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig); None elsewhere."""
     libc = ctypes.util.find_library("c")
-    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc
-        ctypes.CDLL(libc).malloc_trim(0)
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc is not None else None
 
 
 def gib(value: int) -> str:
@@ -76,8 +88,9 @@ class PeakMemory:
         return rss_bytes() / 2**20
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _proc_kib(file: str, field: str) -> int:
+    """A "Field:  N kB" line of a /proc file, in KiB."""
+    for line in Path("/proc", file).read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise CovipalError(f"/proc/self/status has no {field}")
+    raise CovipalError(f"/proc/{file} has no {field}")

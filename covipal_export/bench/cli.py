@@ -46,6 +46,7 @@ from covipal_export.engine_info import engine_path
 from covipal_export.export.pruning_choice import ppm_checkpoint
 from covipal_export.export.quantize import DEFAULT_BLOCK, QUANT_BITS, UNCALIBRATED, QuantOptions, quantize_export
 from covipal_export.manifest import Manifest, load_manifest
+from covipal_export.memory import total_bytes
 from covipal_export.names import DECODER, DEFAULT_ROOT, MANIFEST_FILE, STAGES
 
 DEFAULT_WORK_DIR = DEFAULT_ROOT / "bench"
@@ -336,7 +337,7 @@ def machine_info(threads: int) -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
                platform.processor())
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    memory = total_bytes() / 2**30
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": round(memory, 1), "gpu": device_name(),
             "threads": threads, "load_average_start": [round(x, 2) for x in os.getloadavg()],
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -388,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     requested_budgets, backends = parse_budgets(args.budgets), parse_backends(args.backends)
     if args.export:
         directory, manifest = given_export(args)
+        own = own_variant(manifest)
     else:
-        args.dtype = args.dtype or "fp32"
-    own = own_variant(manifest) if args.export else args.dtype
+        args.dtype = own = args.dtype or "fp32"
     variants = parse_variants(args.variants, own, quantized=bool(args.export and manifest.quantization))
     if args.plot:
         require_matplotlib()

@@ -70,7 +70,7 @@ from covipal_export.manifest import (
     describe_files,
     save_manifest,
 )
-from covipal_export.memory import GIB, gib, peak_rss_bytes, release_memory
+from covipal_export.memory import GIB, gib, peak_rss_bytes, release_memory, total_bytes
 from covipal_export.runtime.reference import DTYPES, load_reference_model
 
 
@@ -215,7 +215,7 @@ def _step(bar: tqdm, steps: dict[str, StepResources], name: str):
 def machine() -> str:
     """"2 CPUs, 23.4 GiB RAM" (Linux; the CPU count alone elsewhere)."""
     try:
-        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} GiB RAM"
+        memory = f", {total_bytes() / GIB:.1f} GiB RAM"
     except (ValueError, OSError, AttributeError):
         memory = ""
     return f"{os.cpu_count()} CPUs{memory} ({platform.machine()})"

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from covipal_export.export.qdq import offsets_name, save_ir
+from covipal_export.export.qdq import add_initializer, offsets_name, read_weight, replace_node, save_ir
 
 
 @dataclass
@@ -69,9 +69,7 @@ def quantize_matmuls(path: Path, matmuls: list[str], bits: int, block: int, accu
         activations, weight = node.inputs
         tensor = weight.const_value
         k, n = tensor.shape
-        quantized = quantize(np.asarray(tensor.numpy()))
-        if hasattr(tensor, "release"):
-            tensor.release()  # close its memory map: the pages read are not kept
+        quantized = quantize(read_weight(tensor))
         name = f"{node.name}_Q{bits}"
         attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
         if accuracy_level:
@@ -88,22 +86,13 @@ def quantize_matmuls(path: Path, matmuls: list[str], bits: int, block: int, accu
                              name=f"{name}_offset", outputs=[ir.Value(name=f"{name}_offset")])
             replacement.outputs[0].name = f"{name}_main"
             added += [offset, ir.node("Add", [replacement.outputs[0], offset.outputs[0]], name=f"{name}_add_offset")]
-        graph.insert_before(node, added)
-        output, result = node.outputs[0], added[-1].outputs[0]
-        ir.convenience.replace_all_uses_with(output, result, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        result.name = output.name
-        if not weight.uses():
-            graph.initializers.pop(weight.name)
+        replace_node(graph, node, added, [weight])
     model.opset_imports["com.microsoft"] = 1
     save_ir(model, Path(path))
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array))
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, ir.tensor(array, name=name))
 
 
 def _blocksum(graph: ir.Graph, activations: ir.Value, k: int, block: int, added: list[ir.Node]) -> ir.Value:

@@ -133,26 +133,37 @@ def write_qdq_form(nbits_path: Path, out: Path) -> Path:
             continue
         if len(node.inputs) > 3 and node.inputs[3] is not None:
             raise ValueError(f"{node.name}: zero points (an asymmetric grid) have no symmetric QDQ twin")
-        weights = [ir.Value(name=t.name, shape=t.shape, type=ir.TensorType(t.dtype), const_value=t)
-                   for t in _qdq_tensors(node)]
-        for value in weights:
-            graph.register_initializer(value)
+        weights = [add_initializer(graph, tensor) for tensor in _qdq_tensors(node)]
         block = node.attributes["block_size"].as_int()
         dequantize = ir.node("DequantizeLinear", weights, {"axis": 0, "block_size": block}, name=f"{node.name}_dq",
                              outputs=[ir.Value(name=f"{node.name}_weight")])
         matmul = ir.node("MatMul", [node.inputs[0], dequantize.outputs[0]], name=node.name)
-        graph.insert_before(node, [dequantize, matmul])
-        output, packed = node.outputs[0], node.inputs[1:3]
-        ir.convenience.replace_all_uses_with(output, matmul.outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        matmul.outputs[0].name = output.name
-        for value in packed:
-            if not value.uses():
-                graph.initializers.pop(value.name)
+        replace_node(graph, node, [dequantize, matmul], node.inputs[1:3])
     model.opset_imports.pop("com.microsoft", None)  # no longer used
     model.opset_imports[""] = QDQ_OPSET
     save_ir(model, out)
     return out
+
+
+def add_initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """`tensor` (named) as an initializer of `graph`."""
+    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, added: list[ir.Node], weights: list[ir.Value]) -> None:
+    """Put `added` where `node` was: the last added node's output takes over node's output and its name; the
+    initializers in `weights` (node's) that nothing reads any more are dropped."""
+    weights = list(weights)
+    graph.insert_before(node, added)
+    output, result = node.outputs[0], added[-1].outputs[0]
+    ir.convenience.replace_all_uses_with(output, result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    result.name = output.name
+    for value in weights:
+        if not value.uses():
+            graph.initializers.pop(value.name)
 
 
 def _qdq_tensors(node: ir.Node) -> tuple[ir.LazyTensor, ir.LazyTensor]:
@@ -161,19 +172,19 @@ def _qdq_tensors(node: ir.Node) -> tuple[ir.LazyTensor, ir.LazyTensor]:
     packed, scales = node.inputs[1].const_value, node.inputs[2].const_value
 
     def q() -> ir.TensorProtocol:
-        values = unpack_nbits(_read(packed), _read(scales), k, n, bits, block).q  # [K, N] int8
+        values = unpack_nbits(read_weight(packed), read_weight(scales), k, n, bits, block).q  # [K, N] int8
         if bits == 4:
             return ir.PackedTensor(np.frombuffer(pack_int4(values), np.uint8), ir.DataType.INT4, shape=values.shape)
         return ir.tensor(values)
 
     def transposed_scales() -> ir.TensorProtocol:
-        return ir.tensor(np.ascontiguousarray(_read(scales).reshape(n, -1).T))
+        return ir.tensor(np.ascontiguousarray(read_weight(scales).reshape(n, -1).T))
 
     return (ir.LazyTensor(q, ir.DataType(INT_TYPES[bits]), ir.Shape([k, n]), name=f"{node.name}_q"),
             ir.LazyTensor(transposed_scales, scales.dtype, ir.Shape([-(-k // block), n]), name=f"{node.name}_scales"))
 
 
-def _read(tensor) -> np.ndarray:
+def read_weight(tensor: ir.TensorProtocol) -> np.ndarray:
     """A weight's values, copied out of the file (its memory map is closed at once)."""
     values = np.array(tensor.numpy())
     if hasattr(tensor, "release"):

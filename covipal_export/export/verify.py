@@ -237,6 +237,11 @@ class Verifier:
         return {value.name: np.ascontiguousarray(feeds[value.name], dtype=dtypes.get(
             value.name, dtypes[names.INPUTS_EMBEDS])) for value in inputs}
 
+    def ort_pipeline(self) -> Pipeline:
+        """The shipped `Pipeline` on the runtime's own ONNX Runtime backend, on the CPU."""
+        return Pipeline(self.directory, self.manifest, prompt_processor(self.directory, self.manifest),
+                        OrtBackend(self.directory, self.manifest), "export verification: ONNX Runtime on the CPU")
+
     def check_chain(self) -> None:
         fits, why = self.fits(*(graph.file for graph in self.manifest.graphs.values()))
         batch_size = self.refs.batch.input_ids.shape[0]
@@ -245,17 +250,14 @@ class Verifier:
                 self.add("chain", f"greedy tokens, batch {batch_size}, {policy}", why, None, required=False)
             return
         budget, new_tokens = self.manifest.pruning.default_budget, self.refs.new_tokens
-        backend = OrtBackend(self.directory, self.manifest)  # the runtime's own backend, on the CPU
-        pipe = Pipeline(self.directory, self.manifest, prompt_processor(self.directory, self.manifest), backend,
-                        "export verification: ONNX Runtime on the CPU")
+        pipe = self.ort_pipeline()
         for policy in POSITION_POLICIES:
             kept_index, want = self.refs.chain[policy]
             out = pipe.generate_from_batch(self.refs.batch, budget=budget, position_policy=policy,
                                            max_new_tokens=new_tokens)
             self.equal("chain", f"kept_index, {policy}", out.kept_index, kept_index)
             got = out.sequences
-            same = want.shape == got.shape and bool((want == got).all())
-            result = f"{want.shape[1]} tokens x {want.shape[0]} rows equal" if same else _first_difference(got, want)
+            same, result = _same_tokens(got, want)
             self.add("chain", f"greedy tokens, batch {want.shape[0]}, {policy}", result, same,
                      required=self.decoder_exact)
             if not self.decoder_exact:  # the tokens may differ; they must still be tokens
@@ -263,7 +265,7 @@ class Verifier:
                 decodes = bool(((got >= 0) & (got < vocab)).all()) and len(out.answers) in (0, len(got))
                 self.add("chain", f"tokens decode, {policy}", f"ids in [0, {vocab})" if decodes else "ids out of range",
                          decodes)
-        del pipe, backend
+        del pipe
         release_memory()
 
     def check_kv_variant(self) -> None:
@@ -277,20 +279,16 @@ class Verifier:
                 self.add("kv", f"greedy tokens, {method} {KV_BUDGET}", why, None, required=False)
             return
         budget, new_tokens = self.manifest.pruning.default_budget, self.refs.new_tokens
-        backend = OrtBackend(self.directory, self.manifest)
-        pipe = Pipeline(self.directory, self.manifest, prompt_processor(self.directory, self.manifest), backend,
-                        "export verification: ONNX Runtime on the CPU")
+        pipe = self.ort_pipeline()
         for method in kv_variant.methods:
             want, want_bytes = self.refs.kv[method]
             out = pipe.generate_from_batch(self.refs.batch, budget=budget, max_new_tokens=new_tokens,
                                            kv=KVConfig(method, KV_BUDGET))
-            got = out.sequences
-            same = want.shape == got.shape and bool((want == got).all())
-            result = f"{want.shape[1]} tokens x {want.shape[0]} rows equal" if same else _first_difference(got, want)
+            same, result = _same_tokens(out.sequences, want)
             self.add("kv", f"greedy tokens, {method} {KV_BUDGET}", result, same, required=self.exact)
             self.add("kv", f"KV bytes held, {method} {KV_BUDGET}", f"{out.kv_bytes} vs {want_bytes}",
                      out.kv_bytes == want_bytes)
-        del pipe, backend
+        del pipe
         release_memory()
 
     def check_forms(self) -> None:
@@ -431,11 +429,14 @@ def _size(count: int) -> str:
     return gib(count) if count >= GIB // 10 else f"{count / 2**20:.1f} MiB"
 
 
-def _first_difference(actual: np.ndarray, expected: np.ndarray) -> str:
+def _same_tokens(actual: np.ndarray, expected: np.ndarray) -> tuple[bool, str]:
+    """Whether greedy sequences [B, new] are equal, and the result in words (where they first differ)."""
     if actual.shape != expected.shape:
-        return f"shape {list(actual.shape)} != {list(expected.shape)}"
-    step = int(np.argwhere((actual != expected).any(0))[0, 0])
-    return f"differ from token {step} of {expected.shape[1]}"
+        return False, f"shape {list(actual.shape)} != {list(expected.shape)}"
+    differs = (actual != expected).any(0)
+    if not differs.any():
+        return True, f"{expected.shape[1]} tokens x {expected.shape[0]} rows equal"
+    return False, f"differ from token {int(np.argwhere(differs)[0, 0])} of {expected.shape[1]}"
 
 
 def _polygraphy() -> str | None:
