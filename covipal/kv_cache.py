@@ -7,7 +7,8 @@ MLP) layer by layer with the model's own modules, keeping for each layer:
     EvictedLayer   post-RoPE keys and values [B, H, T, D] + valid [B, H, T] (H = KV heads)
     CodebookLayer  per query head: refs, norms and positions [B, Hq, T] for K and V, valid [B, Hq, T],
                    and one K and one V codebook [C, D] per row and KV head; keys are rebuilt as
-                   codebook[ref] x norm and RoPE'd again at each step (transiently, one layer at a time)
+                   codebook[ref] x norm and RoPE'd again at each step (transiently, one layer at a time);
+                   it keeps as many tokens as fit in the bytes an EvictedLayer would hold (equal memory)
 
 A decode token attends to the held cache and to its own exact keys and values, then joins the cache.
 `run_layers`, `layer_counts` and `compress_layer` are shared with the runtime, whose decoder_kv.onnx runs
@@ -15,6 +16,8 @@ the same layers and whose host keeps the same layer caches (covipal_export.runti
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +170,39 @@ def layer_counts(config: KVConfig, key_valid: torch.Tensor, num_layers: int) -> 
     return torch.tensor(per_row, dtype=torch.long).T
 
 
+def evicted_bytes(batch: int, kv_heads: int, slots: int, head_dim: int, element_size: int) -> int:
+    """What an `EvictedLayer` of `slots` holds: keys and values [B, Hkv, T, Dh] and valid [B, Hkv, T]."""
+    return batch * kv_heads * slots * (2 * head_dim * element_size + 1)
+
+
+CODEBOOK_SEARCH_STEPS = 8  # bisections (in log space) of a codebook layer's token count
+CODEBOOK_MIN_FACTOR = 0.25  # a codebook layer keeps at least a quarter of eviction's count
+
+
+def fitted_count(scores: torch.Tensor, count: int, key_valid: torch.Tensor, keys_pre: torch.Tensor,
+                 values: torch.Tensor, position_ids: torch.Tensor, config: KVConfig) -> int:
+    """SpindleKV at equal memory, for one row: the most tokens per query head (found by bisection, at least a
+    quarter of `count`) whose codebook layer fits in the bytes eviction holds for `count`; what the codebook saves
+    buys more tokens. A batch fits each row on its own, so it keeps what its rows keep alone.
+
+    scores: [1, Hq, L]; key_valid: [1, L]; keys_pre, values: [1, Hkv, L, Dh]; position_ids: [1, L].
+    """
+    length = int(key_valid.sum())
+    allowance = evicted_bytes(1, keys_pre.shape[1], count, keys_pre.shape[-1], keys_pre.element_size())
+
+    def fits(kept: int) -> bool:
+        index, valid = keep_indices(scores, torch.tensor([kept]), key_valid)
+        return CodebookLayer(keys_pre, values, position_ids, index, valid, config).nbytes() <= allowance
+
+    low, too_many = max(1, round(count * CODEBOOK_MIN_FACTOR)), length + 1  # low is taken even if it does not fit
+    for _ in range(CODEBOOK_SEARCH_STEPS):
+        if too_many - low <= 1:
+            break
+        middle = min(max(round(math.sqrt(low * too_many)), low + 1), too_many - 1)
+        low, too_many = (middle, too_many) if fits(middle) else (low, middle)
+    return low
+
+
 def compress_layer(scores: torch.Tensor, counts: torch.Tensor, key_valid: torch.Tensor, keys_pre: torch.Tensor,
                    keys: torch.Tensor, values: torch.Tensor, position_ids: torch.Tensor, codebook: bool,
                    config: KVConfig) -> EvictedLayer | CodebookLayer:
@@ -175,7 +211,10 @@ def compress_layer(scores: torch.Tensor, counts: torch.Tensor, key_valid: torch.
     scores: [B, Hq, L] (`window_scores`); counts: [B]; key_valid: [B, L]; keys_pre, keys, values: [B, Hkv, L, Dh];
     position_ids: [B, L].
     """
-    if codebook:  # unfolded: one choice per query head
+    if codebook:  # unfolded: one choice per query head, in the bytes eviction would hold for `counts`
+        counts = torch.tensor([fitted_count(scores[rows], int(counts[rows][0]), key_valid[rows], keys_pre[rows],
+                                            values[rows], position_ids[rows], config)
+                               for rows in (slice(b, b + 1) for b in range(len(counts)))])
         kept, valid = keep_indices(scores, counts, key_valid)
         return CodebookLayer(keys_pre, values, position_ids, kept, valid, config)
     grouped = scores.unflatten(1, (keys.shape[1], -1)).mean(2)  # [B, Hkv, L], the group's mean score

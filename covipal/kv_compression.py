@@ -6,7 +6,8 @@
                share one choice (scores averaged over the group's query heads), so each KV head keeps k_l
     spindlekv  eviction, plus in the first `codebook_layers` of the layers: K/V unfolded to the query
                heads, evicted per query head, and the survivors' pre-RoPE keys and values replaced by
-               codebook[ref] x norm (greedy highest-degree node of the cosine graph, thresholds 0.98 / 0.95)
+               codebook[ref] x norm (greedy highest-degree node of the cosine graph, thresholds 0.98 / 0.95);
+               such a layer keeps as many tokens as fit in the bytes eviction holds there (equal memory)
 
 The budget is the mean number of prompt tokens kept per layer (and head): a fraction of each row's
 prompt length in (0, 1], or a count. `covipal.kv_cache` runs the decoder on the compressed cache.
@@ -35,7 +36,7 @@ class KVConfig:
     window: int = 16  # SnapKV observation window: the last prompt queries, always kept
     pool_kernel: int = 7  # SnapKV's 1-D average pooling of the scores over keys
     pyramid: float = 0.5  # layer 0 keeps (1 + p) x the mean budget, the last layer (1 - p) x
-    codebook_layers: float = 0.5  # spindlekv: the shallow fraction of the layers with a codebook
+    codebook_layers: float = 0.2  # spindlekv: the shallow fraction of the layers with a codebook
     threshold_k: float = 0.98
     threshold_v: float = 0.95
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from covipal import kv_cache
 from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, generate
-from covipal.kv_cache import CodebookLayer, CompressedDecoder, EvictedLayer
+from covipal.kv_cache import CodebookLayer, CompressedDecoder, EvictedLayer, compress_layer, evicted_bytes
 from covipal.kv_compression import KVConfig, build_codebook, keep_indices, merge_or_add, pyramid_budgets, window_scores
 from covipal.pruning import prune_prompt
 
@@ -28,7 +29,7 @@ def answer(tiny, images, questions, rows, kv):
                     kv=kv)
 
 
-def test_none_is_todays_path_and_keeping_everything_matches_it(tiny, images, questions):
+def test_none_is_todays_path_and_keeping_everything_matches_it(tiny, images, questions, monkeypatch):
     batch = tiny.processor(images[:2], questions[:2])
     with torch.no_grad():
         out = tiny.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -36,7 +37,9 @@ def test_none_is_todays_path_and_keeping_everything_matches_it(tiny, images, que
     hf = out[:, batch.input_ids.shape[1]:].tolist()
     none = answer(tiny, images, questions, [0, 1], KVConfig())
     assert none.sequences.tolist() == hf
-    # budget 1.0: every token in every layer, through covipal.kv_cache's own decoder; thresholds above 1: no merges
+    # budget 1.0: every token in every layer, through covipal.kv_cache's own decoder; thresholds above 1: no merges,
+    # and room for every token in a codebook layer (at equal memory an unmerged codebook layer keeps fewer)
+    monkeypatch.setattr(kv_cache, "evicted_bytes", lambda *shape: 1 << 62)
     for kv in (KVConfig("eviction", 1.0), KVConfig("spindlekv", 1.0, threshold_k=1.01, threshold_v=1.01)):
         assert answer(tiny, images, questions, [0, 1], kv).sequences.tolist() == hf, kv
 
@@ -120,6 +123,27 @@ def test_codebook_layer_rebuilds_re_ropes_keys_and_unfolds_gqa(tiny):
     expected_keys = roped.repeat_interleave(groups, 1).gather(2, take)
     expected_values = values.repeat_interleave(groups, 1).gather(2, take)
     assert torch.allclose(keys, expected_keys, atol=1e-5) and torch.allclose(rebuilt_values, expected_values, atol=1e-5)
+
+
+def test_a_codebook_layer_spends_evictions_bytes_on_more_tokens():
+    # one row, 2 KV heads of 2 query heads, 64 tokens: keys and values on 3 directions per head (they merge), or
+    # random (they do not); eviction would keep 8 tokens per KV head
+    torch.manual_seed(0)
+    kv_heads, groups, length, dim = 2, 2, 64, 16
+    directions = torch.randn(1, kv_heads, 3, dim)
+    pick = torch.randint(0, 3, (1, kv_heads, length))
+    similar = directions.gather(2, pick[..., None].expand(-1, -1, -1, dim)) * (torch.rand(1, kv_heads, length, 1) + 0.5)
+    scores = torch.rand(1, kv_heads * groups, length)
+    valid = torch.ones(1, length, dtype=torch.bool)
+    positions = torch.arange(length)[None]
+    allowance = evicted_bytes(1, kv_heads, 8, dim, 4)
+    kept = {}
+    for name, keys in (("similar", similar), ("random", torch.randn(1, kv_heads, length, dim))):
+        layer = compress_layer(scores, torch.tensor([8]), valid, keys, keys, keys.flip(-1), positions, True,
+                               KVConfig("spindlekv", 8))
+        assert isinstance(layer, CodebookLayer) and layer.nbytes() <= allowance, name
+        kept[name] = int(layer.valid.sum(-1).min())
+    assert kept["similar"] > 8 > kept["random"]  # 3 entries a head cost little; 8 unmerged tokens do not fit
 
 
 def test_decode_memory_is_what_each_layer_holds(tiny, images, questions):

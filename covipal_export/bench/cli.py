@@ -44,7 +44,7 @@ from covipal_export.bench.report import (
 from covipal_export.bench.worker import BACKEND_NAMES, WorkerSpec, device_name, serve
 from covipal_export.engine_info import engine_path
 from covipal_export.export.pruning_choice import ppm_checkpoint
-from covipal_export.export.quantize import DEFAULT_BLOCK, QUANT_BITS, UNCALIBRATED, QuantOptions, quantize_export
+from covipal_export.export.quantize import QUANT_BITS, UNCALIBRATED, QuantOptions, quantize_export
 from covipal_export.manifest import Manifest, load_manifest
 from covipal_export.memory import total_bytes
 from covipal_export.names import DECODER, DEFAULT_ROOT, MANIFEST_FILE, STAGES
@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--variants", default=None, metavar="LIST",
                         help="comma-separated decoder weights measured side by side: the export's own (its --dtype, "
                              "or its quantization with --export) and int8, int4 (a copy of the export with export.py's "
-                             f"--quant, RTN, block {DEFAULT_BLOCK}), int4-q4_1 (--quant-method q4_1); default: the "
+                             "--quant, RTN, its default block), int4-q4_1 (--quant-method q4_1); default: the "
                              "export's own alone")
     parser.add_argument("--quant-lm-head", action="store_true",
                         help="the int8/int4 variants quantize the LM head too (export.py's --quant-lm-head)")

@@ -19,7 +19,7 @@ from covipal_export.export.exporter import ExportOptions, VerificationFailed, de
 from covipal_export.export.onnx_export import DEFAULT_OPSET, OPSETS
 from covipal_export.export.quantize import (
     BLOCK_SIZES,
-    DEFAULT_BLOCK,
+    DEFAULT_BLOCKS,
     DEFAULT_CALIB,
     METHODS,
     QUANT_BITS,
@@ -64,9 +64,9 @@ def build_parser() -> ArgumentParser:
                        help="int8 or int4 weights for the decoder's linear layers; decoder.onnx gets ONNX Runtime's "
                             "MatMulNBits, decoder.qdq.onnx the same weights as DequantizeLinear for TensorRT "
                             "(default: %(default)s)")
-    quant.add_argument("--quant-block", type=int, default=DEFAULT_BLOCK, metavar="B",
-                       help=f"group size along the input dimension: {', '.join(map(str, BLOCK_SIZES))} "
-                            f"(default: %(default)s)")
+    quant.add_argument("--quant-block", type=int, default=None, metavar="B",
+                       help=f"group size along the input dimension: {', '.join(map(str, BLOCK_SIZES))} (default: "
+                            f"{DEFAULT_BLOCKS['int8']} for int8, {DEFAULT_BLOCKS['int4']} for int4)")
     quant.add_argument("--quant-method", choices=METHODS, default=None,
                        help="rtn: round to nearest on a symmetric grid, one scale a block (default with --quant); "
                             "q4_1 (int4, blocks of 32): llama.cpp's Q4_1 grid, a scale and a minimum a block, the "

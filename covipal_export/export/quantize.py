@@ -61,7 +61,10 @@ AWQ_UNAVAILABLE = (
     "decoder's image-and-question inputs_embeds; use --quant-method rtn (gptq is calibrated, but ONNX Runtime "
     "1.32's measured below rtn: docs/BENCHMARKS.md#calibrated-int4-gptq)")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
-DEFAULT_BLOCK = 32  # SmolLM2's GGUF (Q4_1) and llama.cpp's Q4/Q8 use blocks of 32
+# the group size when --quant-block is not given. int4: 32, as SmolLM2's GGUF (Q4_1) and llama.cpp's Q4/Q8. int8: 16,
+# because at ACCURACY_LEVEL the activations are quantized to int8 in the weight's blocks too, and at 32 that cost
+# int8 1.1-1.6 points at 16 visual tokens on mini-llava (at 16: within 0.3; docs/BENCHMARKS.md)
+DEFAULT_BLOCKS = {"int8": 16, "int4": 32}
 # MatMulNBits' accuracy level 4 computes with the activations quantized to int8 inside the kernel (as llama.cpp's
 # q8_1 dot products do); it is ONNX Runtime's fast CPU path and what its fused QDQ form uses by default.
 ACCURACY_LEVEL = 4
@@ -75,7 +78,7 @@ class QuantOptions:
     """Weight-only quantization of the decoder; `quant` "none" leaves it in the export dtype."""
 
     quant: str = "none"  # none | int8 | int4
-    block: int = DEFAULT_BLOCK  # group size along the input dimension
+    block: int | None = None  # group size along the input dimension (None: DEFAULT_BLOCKS[quant])
     method: str | None = None  # rtn (the default when quantizing) | gptq
     lm_head: bool = False  # also quantize the LM head
     calib: int | None = None  # calibration pairs, for a calibrated method (default DEFAULT_CALIB)
@@ -83,7 +86,9 @@ class QuantOptions:
     def __post_init__(self) -> None:
         if self.quant not in QUANT_BITS:
             raise CovipalError(f"--quant must be one of {', '.join(QUANT_BITS)}, got {self.quant!r}")
-        if self.block not in BLOCK_SIZES:
+        if self.block is None and self.quant != "none":
+            self.block = DEFAULT_BLOCKS[self.quant]
+        if self.block is not None and self.block not in BLOCK_SIZES:
             raise CovipalError(f"--quant-block must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block}")
         if self.quant == "none" and (self.method is not None or self.lm_head or self.calib is not None):
             flag = ("--quant-method" if self.method is not None else "--quant-lm-head" if self.lm_head
