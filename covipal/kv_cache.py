@@ -212,9 +212,9 @@ def compress_layer(scores: torch.Tensor, counts: torch.Tensor, key_valid: torch.
     position_ids: [B, L].
     """
     if codebook:  # unfolded: one choice per query head, in the bytes eviction would hold for `counts`
-        counts = torch.tensor([fitted_count(scores[rows], int(counts[rows][0]), key_valid[rows], keys_pre[rows],
-                                            values[rows], position_ids[rows], config)
-                               for rows in (slice(b, b + 1) for b in range(len(counts)))])
+        rows = [slice(b, b + 1) for b in range(len(counts))]
+        counts = torch.tensor([fitted_count(scores[row], int(count), key_valid[row], keys_pre[row], values[row],
+                                            position_ids[row], config) for row, count in zip(rows, counts)])
         kept, valid = keep_indices(scores, counts, key_valid)
         return CodebookLayer(keys_pre, values, position_ids, kept, valid, config)
     grouped = scores.unflatten(1, (keys.shape[1], -1)).mean(2)  # [B, Hkv, L], the group's mean score

@@ -33,7 +33,7 @@ def int4_export(tmp_path_factory):
     """tiny-random-llava with an int4 decoder, verified while exporting."""
     out = tmp_path_factory.mktemp("quant") / "tiny-int4"
     return export_model(ExportOptions(model="tiny-random-llava", budget=8, out=out,
-                                      quantization=QuantOptions("int4", block=32)))
+                                      quantization=QuantOptions("int4")))  # default block: 32
 
 
 def quantized_copy(source: Path, root: Path, options: QuantOptions) -> Path:
@@ -212,9 +212,9 @@ def test_the_torch_backend_refuses_a_quantized_decoder(int4_export):
 
 
 def test_int8_forms_and_the_lm_head(tiny_export, tmp_path):
-    out = quantized_copy(tiny_export, tmp_path, QuantOptions("int8", block=16, lm_head=True))
+    out = quantized_copy(tiny_export, tmp_path, QuantOptions("int8", lm_head=True))
     quantization = load_manifest(out).quantization
-    assert (quantization.bits, quantization.block_size, quantization.lm_head) == (8, 16, True)
+    assert (quantization.bits, quantization.block_size, quantization.lm_head) == (8, 16, True)  # int8's default block
     assert len(quantization.quantized_matmuls) == 15  # the LM head too
     mine = quantized_weights(onnx.load(out / "decoder.onnx"))
     theirs = quantized_weights(onnx.load(out / "decoder.qdq.onnx"))
