@@ -382,6 +382,46 @@ def test_linear_weights_are_written_transposed(exported, reference):
     assert {names.HIDDEN_STATES % i for i in (1, 2)} <= produced  # each layer's output, named for groups of layers
 
 
+@pytest.mark.parametrize("length", [1, 5])
+def test_grouped_attention_equals_sdpa_over_repeated_heads(length):
+    """9 query heads on 3 key/value heads, a left-padded row: the exported form equals transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from covipal_export.export.decoder_forms import grouped_attention
+
+    generator = torch.Generator().manual_seed(0)
+    past, batch, heads, kv_heads, head_dim = 6, 2, 9, 3, 16
+    total = past + length
+    query = torch.randn(batch, heads, length, head_dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, total, head_dim, generator=generator) for _ in range(2))
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    valid[1, :3] = False  # row 1 is left-padded
+    causal = torch.arange(total)[None, :] <= torch.arange(past, total)[:, None]  # [S, T]
+    mask = (causal[None] & valid[:, None])[:, None]  # [B, 1, S, T]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=head_dim ** -0.5)
+    got, _ = grouped_attention(module, query, key, value, mask, scaling=head_dim ** -0.5)
+    assert got.shape == expected.shape == (batch, length, heads, head_dim)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_the_decoder_reads_its_cache_as_stored_and_its_norms_fuse(exported, tmp_path):
+    """decoder.onnx attends with the cached key/value heads as they are (no copy repeated to the query heads), and
+    ONNX Runtime fuses each RMSNorm into one SimplifiedLayerNormalization when a session opens."""
+    import onnxruntime as ort
+
+    graph = onnx.load(exported.directory / "decoder.onnx").graph
+    layers = exported.manifest.decoder.num_layers
+    users = {op for node in graph.node for name in node.input if name.startswith("present.") for op in [node.op_type]}
+    assert users <= {"MatMul", "Transpose"}, users  # no Expand/Reshape of the cache
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(exported.directory / "decoder.onnx", options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx").graph.node
+    assert sum(node.op_type == "SimplifiedLayerNormalization" for node in optimized) == 2 * layers + 1
+
+
 @pytest.fixture(scope="module")
 def external(tmp_path_factory):
     """tiny-random-llava with every graph's weights in external data (as a 7B's are), not verified yet."""

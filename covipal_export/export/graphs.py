@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
@@ -36,6 +35,7 @@ from covipal.models import VisionLanguageModel
 from covipal.selection import gather_tokens, keep_topk_traceable
 from covipal.strategies import Strategy
 from covipal_export import names
+from covipal_export.export.decoder_forms import attend_grouped, export_forms
 from covipal_export.manifest import GraphSpec, KVVariantSpec, ShapeRanges
 
 SAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1: every dynamic sample size is >= 2
@@ -126,7 +126,9 @@ class DecoderGraph(nn.Module):
         cache = self.model.new_cache()
         for layer, (key, value) in enumerate(past):  # [B, Hkv, P, Dh] each
             cache.update(key, value, layer)
-        logits = self.model.decode(inputs_embeds, attention_mask, position_ids, cache, last_only=self.last_logits_only)
+        with export_forms(self.model.language_model):
+            logits = self.model.decode(inputs_embeds, attention_mask, position_ids, cache,
+                                       last_only=self.last_logits_only)
         present = tuple((cache.layers[i].keys, cache.layers[i].values) for i in range(len(past)))  # [B, Hkv, P+S, Dh]
         return logits, present
 
@@ -194,16 +196,16 @@ class KVDecoderGraph(nn.Module):
 
         def attend(index, attn, query, keys_pre, keys, values):
             past_key, past_value, past_mask = past[index]
-            groups = attn.num_key_value_groups
             heads = query.shape[1]
-            all_keys = torch.cat([past_key, keys], 2).repeat_interleave(groups, 1)  # [B, Hq, P+S, Dh]
-            all_values = torch.cat([past_value, values], 2).repeat_interleave(groups, 1)
+            all_keys = torch.cat([past_key, keys], 2)  # [B, Hkv, P+S, Dh]
+            all_values = torch.cat([past_value, values], 2)
             mask = torch.cat([past_mask[:, :, None, :].expand(-1, -1, length, -1),
                               new_mask[:, None].expand(-1, heads, -1, -1)], dim=-1)  # [B, Hq, S, P+S]
             outputs.extend([keys, keys_pre, values, query[:, :, -self.window:]])
-            return F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=mask, scale=attn.scaling)
+            return attend_grouped(query, all_keys, all_values, mask, attn.scaling)
 
-        logits = run_layers(self.model, inputs_embeds, position_ids, attend)[:, None]  # [B, 1, V]
+        with export_forms(self.model.language_model):
+            logits = run_layers(self.model, inputs_embeds, position_ids, attend)[:, None]  # [B, 1, V]
         return logits, tuple(outputs)
 
 

