@@ -78,7 +78,7 @@ def traceable_graph(tmp_path_factory) -> ort.InferenceSession:
     """keep_topk_traceable exported the way ppm.onnx is (dynamo, opset 20), batch and N dynamic."""
     path = tmp_path_factory.mktemp("topk") / "keep_topk.onnx"
     batch, tokens = Dim("batch", min=1, max=8), Dim("tokens", min=2, max=MAX_TOKENS)
-    program = torch.onnx.export(KeepTopK(), (torch.rand(2, 10), torch.tensor(4)), dynamo=True, opset_version=20,
+    program = torch.onnx.export(KeepTopK().eval(), (torch.rand(2, 10), torch.tensor(4)), dynamo=True, opset_version=20,
                                 input_names=["scores", "budget"], output_names=["kept_index"],
                                 dynamic_shapes=({0: batch, 1: tokens}, None), verbose=False)
     program.save(path)

@@ -382,9 +382,11 @@ def test_linear_weights_are_written_transposed(exported, reference):
     assert {names.HIDDEN_STATES % i for i in (1, 2)} <= produced  # each layer's output, named for groups of layers
 
 
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("length", [1, 5])
-def test_grouped_attention_equals_sdpa_over_repeated_heads(length):
-    """9 query heads on 3 key/value heads, a left-padded row: the exported form equals transformers' SDPA."""
+def test_grouped_attention_equals_sdpa_over_repeated_heads(length, per_head):
+    """9 query heads on 3 key/value heads, a left-padded row, one mask for all heads or one per query head (as
+    decoder_kv.onnx has): the exported form equals transformers' SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from covipal_export.export.decoder_forms import grouped_attention
@@ -398,6 +400,10 @@ def test_grouped_attention_equals_sdpa_over_repeated_heads(length):
     valid[1, :3] = False  # row 1 is left-padded
     causal = torch.arange(total)[None, :] <= torch.arange(past, total)[:, None]  # [S, T]
     mask = (causal[None] & valid[:, None])[:, None]  # [B, 1, S, T]
+    if per_head:  # each query head also loses some past keys of its own; a query always sees itself
+        itself = torch.zeros(length, total, dtype=torch.bool)
+        itself[torch.arange(length), past + torch.arange(length)] = True
+        mask = mask & (torch.rand(batch, heads, 1, total, generator=generator) > 0.3) | itself
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=head_dim ** -0.5)
