@@ -419,7 +419,7 @@ def test_the_decoder_reads_its_cache_as_stored_and_its_norms_fuse(exported, tmp_
 
     graph = onnx.load(exported.directory / "decoder.onnx").graph
     layers = exported.manifest.decoder.num_layers
-    users = {op for node in graph.node for name in node.input if name.startswith("present.") for op in [node.op_type]}
+    users = {node.op_type for node in graph.node if any(name.startswith("present.") for name in node.input)}
     assert users <= {"MatMul", "Transpose"}, users  # no Expand/Reshape of the cache
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
