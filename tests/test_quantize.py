@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import helper, numpy_helper
 
+from covipal.errors import CovipalError
 from covipal_export import names
 from covipal_export.export.exporter import ExportOptions, export_model
 from covipal_export.export.nbits import quantize_matmuls, rtn_quantizer
@@ -204,8 +206,6 @@ def test_the_pipeline_runs_the_quantized_decoder(int4_export, capsys):
 
 
 def test_the_torch_backend_refuses_a_quantized_decoder(int4_export):
-    from covipal.errors import CovipalError
-
     with pytest.raises(CovipalError, match=r"--backend torch rebuilds the PyTorch model with its fp32 weights, not "
                                            r"this export's decoder \(int4 rtn, block 32\); use --backend ort or trt"):
         Pipeline.from_dir(int4_export.directory, backend="torch")
@@ -244,16 +244,17 @@ def run_export(*args: str) -> subprocess.CompletedProcess:
     (["--quant", "int4", "--quant-block", "7"], "--quant-block must be one of 16, 32, 64, 128, 256, got 7"),
     (["--quant", "none", "--quant-method", "rtn"], "--quant-method needs --quant int8 or int4"),
     (["--quant", "none", "--quant-method", "awq"], "--quant-method needs --quant int8 or int4"),
-    (["--quant", "int4", "--quant-method", "awq"], "--quant-method awq is not available: ONNX Runtime's only AWQ"),
     (["--quant-lm-head"], "--quant-lm-head needs --quant int8 or int4"),
     (["--quant", "int4", "--quant-method", "gptq", "--calib", "0"], "argument --calib: expected a positive integer"),
-    (["--quant", "int4", "--calib", "4"], "--calib needs a calibrated --quant-method (gptq); rtn rounds each weight"),
+    (["--quant", "int4", "--calib", "4"], "--calib needs a calibrated --quant-method (awq, gptq); rtn rounds each"),
     (["--calib", "4"], "--calib needs --quant int8 or int4"),
     (["--quant", "int8", "--quant-method", "gptq"], "--quant-method gptq writes int4 only"),
     (["--quant", "int8", "--quant-method", "q4_1"], "--quant-method q4_1 is a 4-bit grid (llama.cpp's Q4_1)"),
     (["--quant", "int4", "--quant-method", "q4_1", "--quant-block", "64"],
      "--quant-method q4_1 quantizes blocks of 32 weights (llama.cpp's Q4_1), got --quant-block 64"),
     (["--quant", "int4", "--quant-method", "gptq", "--calib", "29"],  # no usable calibration data: 7 images x 4
+     "--calib 29: tiny-random-llava calibrates on the 7 bundled images with 4 generic questions each, 28 pairs"),
+    (["--quant", "int4", "--quant-method", "awq", "--calib", "29"],
      "--calib 29: tiny-random-llava calibrates on the 7 bundled images with 4 generic questions each, 28 pairs"),
 ])
 def test_bad_quantization_flags_are_one_line_and_write_nothing(tmp_path, args, message):
@@ -278,7 +279,6 @@ def test_tensorrt_rtx_builds_the_int4_qdq_decoders_and_refuses_int8_in_one_line(
 
     Only the decoder is quantized, so only its engine is built for mini-llava (test_trt_build builds whole exports).
     """
-    from covipal.errors import CovipalError
     from covipal_export.build.engines import build_engine, build_engines
     from covipal_export.engine_info import import_tensorrt
 
@@ -361,3 +361,83 @@ def test_rtn_one_weight_at_a_time_writes_what_onnxruntimes_quantizer_writes(tiny
     assert nodes(ours) == nodes(theirs) and len(nodes(ours)) == 14
     mine, expected = weights(ours), weights(theirs)
     assert mine.keys() == expected.keys() and all(np.array_equal(mine[k], expected[k]) for k in mine)
+
+
+def symmetric_int4(weight: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """`weight` [N, K] rounded as the rtn quantizer rounds it: per block of K, the largest magnitude maps to -8."""
+    blocks = weight.reshape(weight.shape[0], -1, block)  # [N, K / block, block]
+    scale = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
+    return ((blocks / scale).round().clamp(-8, 7) * scale).reshape(weight.shape)
+
+
+def test_awq_scales_keep_the_decoder_and_round_better_on_prompts_they_did_not_see():
+    """ModelOpt's scales folded into tiny-random-llava's weights: the same logits in fp32; rounded to int4, closer to
+    the unrounded model than its own weights rounded, on each of 4 prompts the search did not see."""
+    from covipal.strategies import make_strategy
+    from covipal_export.export.awq import apply_awq_scales, calibration_prompts
+    from covipal_export.export.calibration import calibration_pairs
+    from covipal_export.runtime.reference import load_reference_model
+
+    model = load_reference_model("tiny-random-llava", dtype="fp32")
+    prompts = calibration_prompts(model, make_strategy("uniform"), 8, "keep", calibration_pairs(model.info.name, 8))
+    seen, unseen = prompts[:4], prompts[4:]
+    decoder = model.language_model
+    linears = [module for module in decoder.modules() if isinstance(module, torch.nn.Linear)]
+
+    @torch.no_grad()
+    def logits(rounded: bool) -> list[torch.Tensor]:
+        saved = [linear.weight.clone() for linear in linears]
+        if rounded:
+            for linear in linears:
+                linear.weight.copy_(symmetric_int4(linear.weight))
+        out = [model.decode(p.inputs_embeds, p.attention_mask, p.position_ids, model.new_cache(), last_only=False)
+               for p in unseen]  # [1, S, V] each
+        for linear, weight in zip(linears, saved):
+            linear.weight.copy_(weight)
+        return out
+
+    exact, rtn = logits(False), logits(True)
+    norms = [layer.input_layernorm.weight.clone() for layer in decoder.layers]
+    apply_awq_scales(decoder, seen, bits=4, block=32)
+    assert not any(torch.equal(norm, layer.input_layernorm.weight) for norm, layer in zip(norms, decoder.layers))
+    for before, after in zip(exact, logits(False)):
+        torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    for reference, plain, scaled in zip(exact, rtn, logits(True)):
+        assert (scaled - reference).pow(2).mean() < (plain - reference).pow(2).mean()
+
+
+def test_an_awq_export_is_calibrated_verified_and_has_the_same_weights_in_both_forms(int4_export, tiny_export,
+                                                                                   tmp_path):
+    """export.py --quant int4 --quant-method awq --calib 4 end to end: ModelOpt's scales in the weights, rounded by
+    the rtn quantizer; recorded in the manifest, both forms bit-identical, verify passes, not RTN's weights."""
+    out = tmp_path / "tiny-awq"
+    result = run_export("--out", str(out), "--quant", "int4", "--quant-method", "awq", "--calib", "4")
+    assert result.returncode == 0, result.stderr
+    assert "decoder int4 awq, block 32" in result.stdout and result.stdout.rstrip().endswith("PASSED"), result.stdout
+    quantization = load_manifest(out).quantization
+    assert (quantization.bits, quantization.block_size, quantization.method, quantization.symmetric) == (
+        4, 32, "awq", True)
+    assert quantization.calibration == {"data": "the bundled images (covipal/assets) with generic questions, 4 pairs",
+                                        "count": 4}
+    assert quantization.library.startswith("nvidia-modelopt 0.47.0 (awq_lite) scales, then onnxruntime.quantization")
+    ort_form, trt_form = onnx.load(out / "decoder.onnx"), onnx.load(out / "decoder.qdq.onnx")
+    mine, theirs = quantized_weights(ort_form), quantized_weights(trt_form)
+    assert mine.keys() == theirs.keys() and len(mine) == 14
+    for name in mine:
+        assert np.array_equal(mine[name].q, theirs[name].q) and np.array_equal(mine[name].scales, theirs[name].scales)
+    rtn = quantized_weights(onnx.load(int4_export.directory / "decoder.onnx"))  # the same seeded fp32 weights
+    assert all(not np.array_equal(mine[k].scales, rtn[k].scales) for k in mine), "AWQ scaled no weight"
+    exported = shutil.copytree(tiny_export, tmp_path / "exported")  # AWQ cannot be given to an exported decoder
+    with pytest.raises(CovipalError, match="--quant-method awq scales the PyTorch model's weights before"):
+        quantize_export(exported, load_manifest(exported), QuantOptions("int4", method="awq"))
+
+
+def test_awq_refuses_in_one_line_when_its_copy_of_the_decoder_would_not_fit(monkeypatch):
+    from covipal_export.export import awq
+    from covipal_export.runtime.reference import load_reference_model
+
+    model = load_reference_model("tiny-random-llava", dtype="fp32")
+    monkeypatch.setattr(awq, "available_bytes", lambda: 0)
+    with pytest.raises(CovipalError, match=r"searches its scales on a copy of the language model \(\d+\.\d\d GiB\); "
+                                           r"only 0\.00 GiB of memory is available"):
+        awq.apply_awq_scales(model.language_model, [], bits=4, block=32)

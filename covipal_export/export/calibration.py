@@ -1,9 +1,10 @@
-"""What a calibrated quantizer (`--quant-method gptq`) sees: (image, question) pairs, run to the decoder's inputs.
+"""What a calibrated quantizer (`--quant-method awq`, `gptq`) sees: (image, question) pairs, as decoder inputs.
 
     calibration_pairs   mini-llava: a seeded sample of easy-VQA train; any other model: the bundled images, each
                         with a few generic questions
-    decoder_feeds       each pair through the export's own vision, embed and pruning graphs at its default budget
-                        -> the prefill's decoder inputs (inputs_embeds, attention_mask, position_ids, empty past)
+    decoder_feeds       gptq: each pair through the export's own vision, embed and pruning graphs at its default
+                        budget -> the prefill's decoder inputs (inputs_embeds, attention_mask, position_ids, empty
+                        past); awq makes the same inputs with the PyTorch model (`awq.calibration_prompts`)
 
 One pair a feed (batch 1), so no padding rows reach the quantizer's statistics.
 """

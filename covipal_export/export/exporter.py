@@ -1,16 +1,18 @@
 """Export a registered model to a directory: four ONNX graphs, tokenizer files and `manifest.json`.
 
     check options and output -> load model + strategy -> check the budget -> PyTorch's outputs for verification
+      -> (--quant-method awq) AWQ's scales searched on --calib pruned prompts, folded into the decoder's weights
       -> temp dir beside the output -> vision.onnx (then the vision tower is released), embed.onnx, ppm.onnx,
          decoder.onnx (+ decoder_kv.onnx with --kv-variant) -> tokenizer/ -> manifest.json -> the PyTorch model
          is released
-      -> quantize the decoder (--quant: decoder.onnx in place + decoder.qdq.onnx, manifest rewritten; a calibrated
-         --quant-method first runs its --calib pairs through the new graphs)
+      -> quantize the decoder (--quant: decoder.onnx in place + decoder.qdq.onnx, manifest rewritten; gptq first
+         runs its --calib pairs through the new graphs)
       -> verify (optional; against the outputs kept from PyTorch) -> record time and peak memory in the manifest
       -> rename the temp dir to the output (replacing an old export with --force)
 
 Peak memory is about one copy of the weights in the export dtype: the model is built or loaded in that dtype,
-graphs are written tensor by tensor, and no ONNX Runtime session opens while the PyTorch model is held.
+graphs are written tensor by tensor, and no ONNX Runtime session opens while the PyTorch model is held (awq holds a
+second language model while it searches).
 Any failure removes the temp dir, so a failed export leaves nothing half-made behind.
 """
 
@@ -40,6 +42,8 @@ from covipal.generation import eos_token_ids, pad_token_id
 from covipal.models import VisionLanguageModel
 from covipal.pruning import POSITION_POLICIES
 from covipal_export import names
+from covipal_export.export.awq import apply_awq_scales, calibration_prompts, check_awq_model
+from covipal_export.export.awq import library as awq_library
 from covipal_export.export.graphs import (
     graph_specs,
     kv_cache_shape,
@@ -137,7 +141,10 @@ def export_model(options: ExportOptions) -> ExportResult:
     calibration = options.quantization.calibration_set(options.model)  # refused here, before anything is exported
     steps: dict[str, StepResources] = {}
     quantize = options.quantization.bits is not None
-    count = 5 + len(names.STAGES) + quantize + options.verify + options.kv_variant
+    awq = options.quantization.chosen_method == "awq" and quantize
+    if awq:
+        awq_library()  # refused here without ModelOpt, before anything is exported
+    count = 5 + len(names.STAGES) + quantize + awq + options.verify + options.kv_variant
     with tqdm(total=count, unit="step", leave=False, disable=None, file=sys.stderr) as bar:
         with _step(bar, steps, "load model"):
             model = load_reference_model(options.model, dtype=options.dtype, path=options.model_path,
@@ -152,6 +159,13 @@ def export_model(options: ExportOptions) -> ExportResult:
             with _step(bar, steps, "PyTorch references"):
                 references = compute_references(model, strategy, budget, options.position_policy,
                                                 options.logits == "last", kv_methods=kv_methods(options.kv_variant))
+        if awq:
+            with _step(bar, steps, "AWQ scales"):
+                check_awq_model(model)
+                prompts = calibration_prompts(model, strategy, budget, options.position_policy, calibration)
+                apply_awq_scales(model.language_model, prompts, options.quantization.bits,
+                                 options.quantization.block)
+                del prompts
         scratch = make_scratch(parent, options.out)
         try:
             graphs = {}
@@ -174,7 +188,7 @@ def export_model(options: ExportOptions) -> ExportResult:
                 release_memory()
             if quantize:
                 with _step(bar, steps, f"quantize {options.quantization.quant}"):
-                    manifest = quantize_export(scratch, manifest, options.quantization, calibration)
+                    manifest = quantize_export(scratch, manifest, options.quantization, calibration, awq_scaled=awq)
             report = None
             if references is not None:
                 with _step(bar, steps, "verify"):

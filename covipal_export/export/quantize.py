@@ -21,7 +21,8 @@ weight's input dimension:
            `--calib` real prompts (`calibration.py`); int4 only (its 8-bit result is not packed). In onnxruntime
            1.32 its error updates read zeros, so the data changes nothing, and its result is re-rounded with new
            scales: worse than rtn (docs/BENCHMARKS.md, "Calibrated int4: GPTQ")
-    awq    refused (`AWQ_UNAVAILABLE`)
+    awq    NVIDIA ModelOpt's awq_lite scales, searched on `--calib` real prompts and folded into the PyTorch model's
+           weights before the decoder is exported (`awq.py`, in the exporter); here its weights are rounded as rtn's
 
 Every MatMul with a constant weight is quantized (q/k/v/o, gate/up/down in each layer); the LM head only with
 `--quant-lm-head`. Activations stay in the export dtype (accuracy level 0 would also keep them there inside the
@@ -42,6 +43,7 @@ import onnxruntime
 
 from covipal.errors import CovipalError
 from covipal_export import names
+from covipal_export.export.awq import library as awq_library
 from covipal_export.export.calibration import CalibrationSet, calibration_pairs, decoder_feeds
 from covipal_export.export.nbits import quantize_matmuls, rtn_quantizer
 from covipal_export.export.q4_1 import BLOCK as Q4_1_BLOCK
@@ -55,11 +57,8 @@ METHODS = ("rtn", "q4_1", "gptq", "awq")
 CALIBRATED = ("gptq", "awq")
 UNCALIBRATED = tuple(method for method in METHODS if method not in CALIBRATED)  # rtn, q4_1: each weight alone
 DEFAULT_CALIB = 16  # (image, question) pairs; about a minute each for mini-llava here (see docs/BENCHMARKS.md)
-AWQ_UNAVAILABLE = (
-    "--quant-method awq is not available: ONNX Runtime's only AWQ (nvidia_awq) runs NVIDIA ModelOpt's ONNX "
-    "awq_lite (which needs cupy, a CUDA GPU) on text from a Hugging Face Hub data set, fed as input_ids, not this "
-    "decoder's image-and-question inputs_embeds; use --quant-method rtn (gptq is calibrated, but ONNX Runtime "
-    "1.32's measured below rtn: docs/BENCHMARKS.md#calibrated-int4-gptq)")
+AWQ_AT_EXPORT = ("--quant-method awq scales the PyTorch model's weights before the decoder is exported: run "
+                 "export.py --quant int4 --quant-method awq (an exported decoder cannot be given AWQ afterwards)")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
 # the group size when --quant-block is not given. int4: 32, as SmolLM2's GGUF (Q4_1) and llama.cpp's Q4/Q8. int8: 16,
 # because at ACCURACY_LEVEL the activations are quantized to int8 in the weight's blocks too, and at 32 that cost
@@ -79,7 +78,7 @@ class QuantOptions:
 
     quant: str = "none"  # none | int8 | int4
     block: int | None = None  # group size along the input dimension (None: DEFAULT_BLOCKS[quant])
-    method: str | None = None  # rtn (the default when quantizing) | gptq
+    method: str | None = None  # rtn (the default when quantizing) | q4_1 | gptq | awq
     lm_head: bool = False  # also quantize the LM head
     calib: int | None = None  # calibration pairs, for a calibrated method (default DEFAULT_CALIB)
 
@@ -96,11 +95,9 @@ class QuantOptions:
             raise CovipalError(f"{flag} needs --quant int8 or int4 (the decoder is not quantized with --quant none)")
         if self.method is not None and self.method not in METHODS:
             raise CovipalError(f"--quant-method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "awq":
-            raise CovipalError(AWQ_UNAVAILABLE)
         if self.calib is not None and self.chosen_method not in CALIBRATED:
-            raise CovipalError(f"--calib needs a calibrated --quant-method (gptq); {self.chosen_method} rounds each "
-                               f"weight on its own")
+            raise CovipalError(f"--calib needs a calibrated --quant-method (awq, gptq); {self.chosen_method} rounds "
+                               f"each weight on its own")
         if self.calib is not None and self.calib < 1:
             raise CovipalError(f"--calib must be at least 1, got {self.calib}")
         if self.method == "q4_1" and self.bits != 4:
@@ -154,13 +151,16 @@ def constant_matmuls(model: onnx.ModelProto) -> list[str]:
 
 
 def quantize_export(directory: Path, manifest: Manifest, options: QuantOptions,
-                    calibration: CalibrationSet | None = None) -> Manifest:
-    """Quantize the decoder of an export directory in place (both forms) and rewrite its manifest; a calibrated
-    method runs `calibration` (default: `options.calibration_set`) through the directory's unquantized graphs."""
+                    calibration: CalibrationSet | None = None, awq_scaled: bool = False) -> Manifest:
+    """Quantize the decoder of an export directory in place (both forms) and rewrite its manifest. gptq runs
+    `calibration` (default: `options.calibration_set`) through the directory's unquantized graphs; awq needs
+    `awq_scaled`: the exporter folded AWQ's scales, searched on `calibration`, into the weights already."""
     if manifest.quantization is not None:
         raise CovipalError(f"{directory}: the decoder is quantized already ({manifest.quantization.summary()})")
+    if options.chosen_method == "awq" and not awq_scaled:
+        raise CovipalError(AWQ_AT_EXPORT)
     calibration = calibration or options.calibration_set(manifest.model.name)
-    feeds = decoder_feeds(Path(directory), calibration) if calibration is not None else None
+    feeds = decoder_feeds(Path(directory), calibration) if options.chosen_method == "gptq" else None
     graph, quantization = quantize_decoder(directory, manifest.graphs[names.DECODER], options, feeds)
     if calibration is not None:
         quantization.calibration = calibration.record()
@@ -191,7 +191,7 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
             raise CovipalError("--quant-method gptq needs calibration inputs (none were given)")
         onnx.load_external_data_for_model(model, str(path.parent))  # GPTQ runs the whole model
         save_model(_run_gptq(model, options, quantized, feeds), path)  # one file again when it fits in 2 GB
-    else:  # one weight in memory at a time; one file again when the quantized weights fit in 128 MiB
+    else:  # rtn, awq, q4_1: one weight in memory at a time; one file again when the weights fit in 128 MiB
         quantize = q4_1_nbits if options.chosen_method == "q4_1" else rtn_quantizer(options.bits, options.block,
                                                                                        ACCURACY_LEVEL)
         quantize_matmuls(path, quantized, options.bits, options.block, ACCURACY_LEVEL, quantize)
@@ -200,7 +200,12 @@ def quantize_decoder(directory: Path, graph: GraphSpec, options: QuantOptions,
     qdq_file = write_qdq_form(path, path.with_name(path.stem + QDQ_SUFFIX))
     layers = (f"{len(quantized)} of {len(candidates)} MatMuls with constant weights (every linear layer"
               f"{', the LM head included' if options.lm_head else '; not the LM head'})")
-    library = q4_1_library() if options.chosen_method == "q4_1" else LIBRARIES[options.chosen_method]
+    if options.chosen_method == "q4_1":
+        library = q4_1_library()
+    elif options.chosen_method == "awq":  # the weights hold AWQ's scales; rounded as rtn's
+        library = f"{awq_library()} scales, then {LIBRARIES['rtn']}"
+    else:
+        library = LIBRARIES[options.chosen_method]
     spec = QuantizationSpec(bits=options.bits, block_size=options.block, method=options.chosen_method,
                             symmetric=options.chosen_method != "q4_1", accuracy_level=ACCURACY_LEVEL, layers=layers,
                             quantized_matmuls=quantized, lm_head=options.lm_head, calibration=None,
