@@ -249,6 +249,7 @@ def run_export(*args: str) -> subprocess.CompletedProcess:
     (["--quant", "int4", "--calib", "4"], "--calib needs a calibrated --quant-method (awq, gptq); rtn rounds each"),
     (["--calib", "4"], "--calib needs --quant int8 or int4"),
     (["--quant", "int8", "--quant-method", "gptq"], "--quant-method gptq writes int4 only"),
+    (["--quant", "int8", "--quant-method", "awq"], "--quant-method awq writes int4 only (ModelOpt's INT4 AWQ)"),
     (["--quant", "int8", "--quant-method", "q4_1"], "--quant-method q4_1 is a 4-bit grid (llama.cpp's Q4_1)"),
     (["--quant", "int4", "--quant-method", "q4_1", "--quant-block", "64"],
      "--quant-method q4_1 quantizes blocks of 32 weights (llama.cpp's Q4_1), got --quant-block 64"),
@@ -398,7 +399,7 @@ def test_awq_scales_keep_the_decoder_and_round_better_on_prompts_they_did_not_se
 
     exact, rtn = logits(False), logits(True)
     norms = [layer.input_layernorm.weight.clone() for layer in decoder.layers]
-    apply_awq_scales(decoder, seen, bits=4, block=32)
+    apply_awq_scales(decoder, seen, block=32)
     assert not any(torch.equal(norm, layer.input_layernorm.weight) for norm, layer in zip(norms, decoder.layers))
     for before, after in zip(exact, logits(False)):
         torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
@@ -440,4 +441,4 @@ def test_awq_refuses_in_one_line_when_its_copy_of_the_decoder_would_not_fit(monk
     monkeypatch.setattr(awq, "available_bytes", lambda: 0)
     with pytest.raises(CovipalError, match=r"searches its scales on a copy of the language model \(\d+\.\d\d GiB\); "
                                            r"only 0\.00 GiB of memory is available"):
-        awq.apply_awq_scales(model.language_model, [], bits=4, block=32)
+        awq.apply_awq_scales(model.language_model, [], block=32)

@@ -73,9 +73,9 @@ def calibration_prompts(model: VisionLanguageModel, strategy: Strategy, budget: 
     return prompts
 
 
-def apply_awq_scales(language_model: nn.Module, prompts: list[PrunedPrompt], bits: int, block: int) -> None:
-    """Search AWQ scales for `bits`-bit weights in blocks of `block` on `prompts` and fold them into
-    `language_model`'s weights in place (the function it computes is unchanged)."""
+def apply_awq_scales(language_model: nn.Module, prompts: list[PrunedPrompt], block: int) -> None:
+    """Search AWQ scales for int4 weights in blocks of `block` on `prompts` and fold them into `language_model`'s
+    weights in place (the function it computes is unchanged)."""
     with warnings.catch_warnings():  # ModelOpt warns about any transformers release it was not tested with
         warnings.simplefilter("ignore")
         import modelopt.torch.quantization as mtq
@@ -87,7 +87,7 @@ def apply_awq_scales(language_model: nn.Module, prompts: list[PrunedPrompt], bit
 
     config = copy.deepcopy(mtq.INT4_AWQ_CFG)  # weight quantizers only, awq_lite
     weight_entry = next(entry for entry in config["quant_cfg"] if entry.get("quantizer_name") == "*weight_quantizer")
-    weight_entry["cfg"] = {"num_bits": bits, "block_sizes": {-1: block, "type": "static"}}
+    weight_entry["cfg"]["block_sizes"] = {-1: block, "type": "static"}
 
     def forward_loop(model: nn.Module) -> None:
         for prompt in prompts:

@@ -71,8 +71,8 @@ def build_parser() -> ArgumentParser:
                        help="rtn: round to nearest on a symmetric grid, one scale a block (default with --quant); "
                             "q4_1 (int4, blocks of 32): llama.cpp's Q4_1 grid, a scale and a minimum a block, the "
                             "minimum added by a small block-offset MatMul (keeps a Q4_1 GGUF's weights exactly: "
-                            "mini-llava); awq: NVIDIA ModelOpt's AWQ scales, searched on --calib real prompts in "
-                            "PyTorch and folded into the weights before export, then rtn; gptq (int4): ONNX "
+                            "mini-llava); awq (int4): NVIDIA ModelOpt's AWQ scales, searched on --calib real prompts "
+                            "in PyTorch and folded into the weights before export, then rtn; gptq (int4): ONNX "
                             "Runtime's GPTQ on --calib real prompts (in onnxruntime 1.32 it compensates nothing and "
                             "scores below rtn: docs/BENCHMARKS.md)")
     quant.add_argument("--calib", type=positive_int, default=None, metavar="N",

@@ -163,8 +163,7 @@ def export_model(options: ExportOptions) -> ExportResult:
             with _step(bar, steps, "AWQ scales"):
                 check_awq_model(model)
                 prompts = calibration_prompts(model, strategy, budget, options.position_policy, calibration)
-                apply_awq_scales(model.language_model, prompts, options.quantization.bits,
-                                 options.quantization.block)
+                apply_awq_scales(model.language_model, prompts, options.quantization.block)
                 del prompts
         scratch = make_scratch(parent, options.out)
         try:

@@ -22,7 +22,8 @@ weight's input dimension:
            1.32 its error updates read zeros, so the data changes nothing, and its result is re-rounded with new
            scales: worse than rtn (docs/BENCHMARKS.md, "Calibrated int4: GPTQ")
     awq    NVIDIA ModelOpt's awq_lite scales, searched on `--calib` real prompts and folded into the PyTorch model's
-           weights before the decoder is exported (`awq.py`, in the exporter); here its weights are rounded as rtn's
+           weights before the decoder is exported (`awq.py`, in the exporter); here its weights are rounded as rtn's;
+           int4 only
 
 Every MatMul with a constant weight is quantized (q/k/v/o, gate/up/down in each layer); the LM head only with
 `--quant-lm-head`. Activations stay in the export dtype (accuracy level 0 would also keep them there inside the
@@ -106,6 +107,9 @@ class QuantOptions:
         if self.method == "q4_1" and self.block != Q4_1_BLOCK:
             raise CovipalError(f"--quant-method q4_1 quantizes blocks of {Q4_1_BLOCK} weights (llama.cpp's Q4_1), "
                                f"got --quant-block {self.block}")
+        if self.method == "awq" and self.bits != 4:
+            raise CovipalError("--quant-method awq writes int4 only (ModelOpt's INT4 AWQ); use --quant int4, or rtn "
+                               "for int8")
         if self.method == "gptq" and self.bits != 4:
             raise CovipalError("--quant-method gptq writes int4 only (ONNX Runtime's GPTQ packs 4-bit MatMulNBits; "
                                "its 8-bit result is not quantized); use --quant int4, or rtn for int8")
