@@ -307,27 +307,37 @@ def test_tensorrt_rtx_builds_the_int4_qdq_decoders_and_refuses_int8_in_one_line(
         assert "\n" not in str(error.value) and not (out / names.ENGINE_DIR).exists()
 
 
-def test_a_gptq_export_is_calibrated_verified_and_has_the_same_weights_in_both_forms(int4_export, tmp_path):
-    """export.py --quant int4 --quant-method gptq --calib 4 end to end: ONNX Runtime's GPTQ on 4 (image, question)
-    prompts, recorded in the manifest; both forms bit-identical, verify passes, the weights are not RTN's."""
-    out = tmp_path / "tiny-gptq"
-    result = run_export("--out", str(out), "--quant", "int4", "--quant-method", "gptq", "--calib", "4")
+def calibrated_export(method: str, root: Path) -> tuple[Path, dict[str, QuantizedWeight]]:
+    """export.py --quant int4 --quant-method METHOD --calib 4 on tiny-random-llava, checked as every calibrated export
+    is: verify passes, the manifest records the method and its 4 pairs, both forms hold the same integers and scales.
+    Returns the directory and the quantized weights."""
+    out = root / f"tiny-{method}"
+    result = run_export("--out", str(out), "--quant", "int4", "--quant-method", method, "--calib", "4")
     assert result.returncode == 0, result.stderr
-    assert "decoder int4 gptq, block 32" in result.stdout and result.stdout.rstrip().endswith("PASSED"), result.stdout
+    assert f"decoder int4 {method}, block 32" in result.stdout and result.stdout.rstrip().endswith("PASSED"), \
+        result.stdout
     quantization = load_manifest(out).quantization
     assert (quantization.bits, quantization.block_size, quantization.method, quantization.symmetric) == (
-        4, 32, "gptq", True)
+        4, 32, method, True)
     assert quantization.calibration == {"data": "the bundled images (covipal/assets) with generic questions, 4 pairs",
                                         "count": 4}
-    assert "gptq_quantize (onnxruntime " in quantization.library and not quantization.lm_head
-    assert len(quantization.quantized_matmuls) == 14
-    ort_form, trt_form = onnx.load(out / "decoder.onnx"), onnx.load(out / "decoder.qdq.onnx")
-    assert all(len(n.input) == 3 for n in ort_form.graph.node if n.op_type == "MatMulNBits"), "no zero points"
-    mine, theirs = quantized_weights(ort_form), quantized_weights(trt_form)
+    mine, theirs = quantized_weights(onnx.load(out / "decoder.onnx")), quantized_weights(onnx.load(
+        out / "decoder.qdq.onnx"))
     assert mine.keys() == theirs.keys() and len(mine) == 14
     for name in mine:
         assert np.array_equal(mine[name].q, theirs[name].q) and np.array_equal(mine[name].scales, theirs[name].scales)
-        assert mine[name].q.min() >= -8 and mine[name].q.max() <= 7
+    return out, mine
+
+
+def test_a_gptq_export_is_calibrated_verified_and_has_the_same_weights_in_both_forms(int4_export, tmp_path):
+    """ONNX Runtime's GPTQ on 4 (image, question) prompts, end to end; its weights are not RTN's."""
+    out, mine = calibrated_export("gptq", tmp_path)
+    quantization = load_manifest(out).quantization
+    assert "gptq_quantize (onnxruntime " in quantization.library and not quantization.lm_head
+    assert len(quantization.quantized_matmuls) == 14
+    ort_form = onnx.load(out / "decoder.onnx")
+    assert all(len(n.input) == 3 for n in ort_form.graph.node if n.op_type == "MatMulNBits"), "no zero points"
+    assert all(weight.q.min() >= -8 and weight.q.max() <= 7 for weight in mine.values())
     rtn = quantized_weights(onnx.load(int4_export.directory / "decoder.onnx"))  # the same seeded fp32 weights
     assert rtn.keys() == mine.keys()
     assert all(not np.array_equal(mine[k].q * mine[k].scales.repeat(32, 0), rtn[k].q * rtn[k].scales.repeat(32, 0))
@@ -409,23 +419,11 @@ def test_awq_scales_keep_the_decoder_and_round_better_on_prompts_they_did_not_se
 
 def test_an_awq_export_is_calibrated_verified_and_has_the_same_weights_in_both_forms(int4_export, tiny_export,
                                                                                    tmp_path):
-    """export.py --quant int4 --quant-method awq --calib 4 end to end: ModelOpt's scales in the weights, rounded by
-    the rtn quantizer; recorded in the manifest, both forms bit-identical, verify passes, not RTN's weights."""
-    out = tmp_path / "tiny-awq"
-    result = run_export("--out", str(out), "--quant", "int4", "--quant-method", "awq", "--calib", "4")
-    assert result.returncode == 0, result.stderr
-    assert "decoder int4 awq, block 32" in result.stdout and result.stdout.rstrip().endswith("PASSED"), result.stdout
-    quantization = load_manifest(out).quantization
-    assert (quantization.bits, quantization.block_size, quantization.method, quantization.symmetric) == (
-        4, 32, "awq", True)
-    assert quantization.calibration == {"data": "the bundled images (covipal/assets) with generic questions, 4 pairs",
-                                        "count": 4}
-    assert quantization.library.startswith("nvidia-modelopt 0.47.0 (awq_lite) scales, then onnxruntime.quantization")
-    ort_form, trt_form = onnx.load(out / "decoder.onnx"), onnx.load(out / "decoder.qdq.onnx")
-    mine, theirs = quantized_weights(ort_form), quantized_weights(trt_form)
-    assert mine.keys() == theirs.keys() and len(mine) == 14
-    for name in mine:
-        assert np.array_equal(mine[name].q, theirs[name].q) and np.array_equal(mine[name].scales, theirs[name].scales)
+    """ModelOpt's AWQ scales folded into the weights, rounded by the rtn quantizer, end to end; not RTN's weights, and
+    an exported decoder cannot be given AWQ afterwards."""
+    out, mine = calibrated_export("awq", tmp_path)
+    library = load_manifest(out).quantization.library
+    assert library.startswith("nvidia-modelopt 0.47.0 (awq_lite) scales, then onnxruntime.quantization")
     rtn = quantized_weights(onnx.load(int4_export.directory / "decoder.onnx"))  # the same seeded fp32 weights
     assert all(not np.array_equal(mine[k].scales, rtn[k].scales) for k in mine), "AWQ scaled no weight"
     exported = shutil.copytree(tiny_export, tmp_path / "exported")  # AWQ cannot be given to an exported decoder
