@@ -94,10 +94,10 @@ def apply_awq_scales(language_model: nn.Module, prompts: list[PrunedPrompt], blo
             model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
                   position_ids=prompt.position_ids, use_cache=False)
 
-    need = sum(p.numel() * p.element_size() for p in language_model.parameters())
-    if need > available_bytes():
+    need, available = sum(p.numel() * p.element_size() for p in language_model.parameters()), available_bytes()
+    if need > available:
         raise CovipalError(f"--quant-method awq searches its scales on a copy of the language model ({gib(need)}); "
-                           f"only {gib(available_bytes())} of memory is available")
+                           f"only {gib(available)} of memory is available")
     scaled = copy.deepcopy(language_model)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # ModelOpt prints its progress
         warnings.simplefilter("ignore")

@@ -141,7 +141,7 @@ def export_model(options: ExportOptions) -> ExportResult:
     calibration = options.quantization.calibration_set(options.model)  # refused here, before anything is exported
     steps: dict[str, StepResources] = {}
     quantize = options.quantization.bits is not None
-    awq = options.quantization.chosen_method == "awq" and quantize
+    awq = options.quantization.method == "awq"
     if awq:
         awq_library()  # refused here without ModelOpt, before anything is exported
     count = 5 + len(names.STAGES) + quantize + awq + options.verify + options.kv_variant
@@ -154,6 +154,8 @@ def export_model(options: ExportOptions) -> ExportResult:
             strategy, pruning = choose_pruning(model, options.strategy, options.ppm, budget,
                                                options.position_policy, options.seed, options.random_weights)
             ranges = shape_ranges(model, options.max_batch)
+            if awq:
+                check_awq_model(model)
         references: References | None = None
         if options.verify:
             with _step(bar, steps, "PyTorch references"):
@@ -161,7 +163,6 @@ def export_model(options: ExportOptions) -> ExportResult:
                                                 options.logits == "last", kv_methods=kv_methods(options.kv_variant))
         if awq:
             with _step(bar, steps, "AWQ scales"):
-                check_awq_model(model)
                 prompts = calibration_prompts(model, strategy, budget, options.position_policy, calibration)
                 apply_awq_scales(model.language_model, prompts, options.quantization.block)
                 del prompts
