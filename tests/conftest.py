@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 
+from covipal.cli import run
 from covipal.errors import CovipalError
 from covipal.models import load_model
 
@@ -19,6 +22,23 @@ requires_mini = pytest.mark.skipif(
 )
 requires_easy_vqa = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None,
                                        reason="needs the easy-vqa package (installed by `make setup`)")
+
+
+@pytest.fixture
+def in_process(capsys, monkeypatch) -> Callable[..., subprocess.CompletedProcess]:
+    """`in_process(main, *args)`: a command line run as its console script runs it (`covipal.cli.run`), in this
+    process, from the repository root; its exit status, stdout and stderr, as `subprocess.run` gives them. For checks
+    of argument errors, which would otherwise spend most of their time importing torch in a new interpreter."""
+    monkeypatch.chdir(ROOT)
+
+    def invoke(main: Callable[[list[str]], int | None], *args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            run(lambda: main(list(args)))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([main.__module__, *args], exit_.value.code, out, err)
+
+    return invoke
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from covipal.__main__ import main as covipal_main
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = str(ROOT / "covipal" / "assets" / "shapes.png")
 
@@ -59,18 +61,23 @@ def test_help_explains_every_flag():
     (["--strategy", "cdpruner", "--relevance-weight", "1.5"],
      "argument --relevance-weight: expected a number in [0, 1], got 1.5"),
 ])
-def test_bad_arguments(args, message):
-    assert_one_line_error(run("-m", "covipal", IMAGE, "What is it?", *args), message)
+def test_bad_arguments(in_process, args, message):
+    assert_one_line_error(in_process(covipal_main, IMAGE, "What is it?", *args), message)
 
 
-def test_bad_images_and_questions(tmp_path):
+def test_a_bad_argument_is_one_line_from_the_command_too():
+    assert_one_line_error(run("-m", "covipal", IMAGE, "What is it?", "--budget", "0"),
+                          "argument --budget: expected a positive integer, got 0")
+
+
+def test_bad_images_and_questions(in_process, tmp_path):
     not_image = tmp_path / "notes.txt"
     not_image.write_text("hello")
-    assert_one_line_error(run("-m", "covipal", "/nonexistent.png", "What?"), "image not found: /nonexistent.png")
-    assert_one_line_error(run("-m", "covipal", str(not_image), "What?"), f"cannot read image {not_image}")
-    assert_one_line_error(run("-m", "covipal", IMAGE, ""), "the question is empty")
+    assert_one_line_error(in_process(covipal_main, "/nonexistent.png", "What?"), "image not found: /nonexistent.png")
+    assert_one_line_error(in_process(covipal_main, str(not_image), "What?"), f"cannot read image {not_image}")
+    assert_one_line_error(in_process(covipal_main, IMAGE, ""), "the question is empty")
 
 
-def test_missing_llava_checkpoint(tmp_path):
-    assert_one_line_error(run("-m", "covipal", IMAGE, "What?", "--model", "llava-1.5-7b", "--model-path",
-                              str(tmp_path)), f"llava-1.5-7b: no checkpoint at {tmp_path}")
+def test_missing_llava_checkpoint(in_process, tmp_path):
+    assert_one_line_error(in_process(covipal_main, IMAGE, "What?", "--model", "llava-1.5-7b", "--model-path",
+                                     str(tmp_path)), f"llava-1.5-7b: no checkpoint at {tmp_path}")

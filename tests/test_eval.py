@@ -14,6 +14,7 @@ from conftest import requires_easy_vqa
 from covipal.budget import ALL, parse_budgets
 from covipal.errors import CovipalError
 from covipal.eval import answer_first_tokens, evaluate, format_table, parse_strategies
+from covipal.eval import main as eval_main
 from covipal.strategies import make_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,8 +115,7 @@ def test_cli_json_records(tmp_path):
     (["--strategies", "cdpruner", "--relevance-weight", "-0.1"],
      "argument --relevance-weight: expected a number in [0, 1], got -0.1"),
 ])
-def test_cli_errors(args, message):
-    result = subprocess.run([sys.executable, "-m", "covipal.eval", "--model", "tiny-random-llava", *args],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_cli_errors(in_process, args, message):
+    result = in_process(eval_main, "--model", "tiny-random-llava", *args)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -27,6 +27,7 @@ from covipal.pruning import text_for_scoring
 from covipal.selection import keep_topk_in_order
 from covipal.strategies import make_strategy
 from covipal_export import names
+from covipal_export.export.cli import main as export_main
 from covipal_export.export.exporter import ExportOptions, describe, export_model, install, writable_parent
 from covipal_export.export.graphs import graph_specs, shape_ranges
 from covipal_export.export.onnx_export import export_graph
@@ -324,18 +325,18 @@ def test_fp16_export_succeeds_and_reports_its_differences(tmp_path):
     (["--budget", "8", "--out", "{existing}"], "already exists; pass --force to replace it"),
     (["--budget", "8", "--out", "{file}/sub"], "is not a directory"),
 ])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(in_process, tmp_path, args, message):
     (tmp_path / "existing").mkdir()
     (tmp_path / "file").write_text("not a directory")
     before = sorted(p.name for p in tmp_path.rglob("*"))
     args = [a.format(existing=tmp_path / "existing", file=tmp_path / "file") for a in args]
     if args[0] != "--model":
         args = ["--model", "tiny-random-llava", "--out", str(tmp_path / "out"), *args]
-    assert_one_line_error(run_export(*args), message)
+    assert_one_line_error(in_process(export_main, *args), message)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-def test_unwritable_output_directory(tmp_path):
+def test_unwritable_output_directory(in_process, tmp_path):
     if os.geteuid() == 0:  # root writes through permission bits; /sys refuses everyone
         target = Path("/sys/covipal-export-test")
     else:
@@ -343,8 +344,8 @@ def test_unwritable_output_directory(tmp_path):
         locked.mkdir()
         locked.chmod(0o555)
         target = locked / "out"
-    assert_one_line_error(run_export("--model", "tiny-random-llava", "--budget", "8", "--out", str(target)),
-                          f"cannot create {target}")
+    result = in_process(export_main, "--model", "tiny-random-llava", "--budget", "8", "--out", str(target))
+    assert_one_line_error(result, f"cannot create {target}")
     assert not target.exists()
 
 

@@ -13,11 +13,13 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from covipal import kv_cache
+from covipal.__main__ import main as covipal_main
 from covipal.errors import CovipalError
 from covipal.generation import SamplingConfig, generate
 from covipal.kv_cache import CodebookLayer, CompressedDecoder, EvictedLayer, compress_layer, evicted_bytes
 from covipal.kv_compression import KVConfig, build_codebook, keep_indices, merge_or_add, pyramid_budgets, window_scores
 from covipal.pruning import prune_prompt
+from covipal_export.runtime.cli import main as run_trt_main
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = str(ROOT / "covipal" / "assets" / "shapes.png")
@@ -182,6 +184,7 @@ def test_bad_kv_configs_are_refused():
 
 
 COMMANDS = {"covipal": ["-m", "covipal"], "run_trt": ["run_trt.py"]}  # the PyTorch CLI and the runtime's
+MAINS = {"covipal": covipal_main, "run_trt": run_trt_main}
 
 
 def run(*args: str, command: str = "covipal") -> subprocess.CompletedProcess:
@@ -196,8 +199,8 @@ def run(*args: str, command: str = "covipal") -> subprocess.CompletedProcess:
     (["--kv-budget", "half"], "argument --kv-budget: expected a fraction in (0, 1] or a positive count"),
     (["--kv-method", "magic"], "argument --kv-method: invalid choice: 'magic'"),
 ])
-def test_cli_bad_kv_input_is_one_line(command, args, message):
-    result = run(*args, command=command)
+def test_cli_bad_kv_input_is_one_line(in_process, command, args, message):
+    result = in_process(MAINS[command], IMAGE, "What is it?", *args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0]

@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 
 from covipal.errors import CovipalError
 from covipal_export import names
+from covipal_export.export.cli import main as export_main
 from covipal_export.export.exporter import ExportOptions, export_model
 from covipal_export.export.nbits import quantize_matmuls, rtn_quantizer
 from covipal_export.export.qdq import QuantizedWeight, pack_int4, quantized_weights, unpack_int4
@@ -258,9 +259,9 @@ def run_export(*args: str) -> subprocess.CompletedProcess:
     (["--quant", "int4", "--quant-method", "awq", "--calib", "29"],
      "--calib 29: tiny-random-llava calibrates on the 7 bundled images with 4 generic questions each, 28 pairs"),
 ])
-def test_bad_quantization_flags_are_one_line_and_write_nothing(tmp_path, args, message):
+def test_bad_quantization_flags_are_one_line_and_write_nothing(in_process, tmp_path, args, message):
     out = tmp_path / "never"
-    result = run_export("--out", str(out), *args)
+    result = in_process(export_main, "--model", "tiny-random-llava", "--budget", "8", "--out", str(out), *args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
         result.stderr
