@@ -21,7 +21,7 @@ from covipal.errors import CovipalError
 from covipal.kv_compression import KVConfig
 from covipal.models.base import VisionLanguageModel
 from covipal.models.processing import ImageInput, PromptBatch
-from covipal.pruning import prune_prompt
+from covipal.pruning import PrunedPrompt, prune_prompt
 from covipal.strategies import Strategy
 
 # step(token [B], attention_mask [B, P+1], position_ids [B, 1]) -> logits [B, V]: one decoder pass that
@@ -127,17 +127,23 @@ def generate_from_batch(
 ) -> GenerationOutput:
     sampling = sampling or SamplingConfig()
     kv = kv or KVConfig()
-    visual = model.encode_images(batch.pixel_values)  # [B, N, D]
-    embeds = model.embed_prompt(batch.input_ids)  # [B, L, D]; image slots filled in by prune_prompt
-    prompt = prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
-                          strategy, budget, position_policy)
+    prompt = pruned_prompt(model, batch, strategy, budget, position_policy)
     logits, step, kv_bytes = start_decode(model, prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids, kv)
     tokens = decode_loop(logits, prompt.attention_mask, prompt.position_ids, step, sampling,
                          eos_token_ids(model), pad_token_id(model))
     sequences = torch.stack(list(tokens), dim=1)  # [B, n]
     texts = [model.processor.decode(row) for row in sequences.tolist()] if model.processor is not None else []
-    return GenerationOutput(sequences, texts, prompt.kept_index, prompt.scores, visual.shape[1],
+    return GenerationOutput(sequences, texts, prompt.kept_index, prompt.scores, model.num_visual_tokens,
                             prompt.inputs_embeds.shape[1], kv_bytes=kv_bytes())
+
+
+def pruned_prompt(model: VisionLanguageModel, batch: PromptBatch, strategy: Strategy | None, budget: Budget,
+                  position_policy: str) -> PrunedPrompt:
+    """The decoder's prefill inputs for `batch`: its images encoded, its prompt embedded, the visual tokens pruned."""
+    visual = model.encode_images(batch.pixel_values)  # [B, N, D]
+    embeds = model.embed_prompt(batch.input_ids)  # [B, L, D]; image slots filled in by prune_prompt
+    return prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
+                        strategy, budget, position_policy)
 
 
 def start_decode(model: VisionLanguageModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

@@ -29,8 +29,9 @@ from torch import nn
 
 from covipal.budget import Budget
 from covipal.errors import CovipalError
+from covipal.generation import pruned_prompt
 from covipal.models import VisionLanguageModel
-from covipal.pruning import PrunedPrompt, prune_prompt
+from covipal.pruning import PrunedPrompt
 from covipal.strategies import Strategy
 from covipal_export.export.calibration import CalibrationSet
 from covipal_export.memory import available_bytes, gib
@@ -63,14 +64,8 @@ def calibration_prompts(model: VisionLanguageModel, strategy: Strategy, budget: 
                         calibration: CalibrationSet) -> list[PrunedPrompt]:
     """The decoder's prefill inputs for each pair, made by the PyTorch model (the graphs are not exported yet)."""
     processor = model.require_processor()
-    prompts = []
-    for image, question in zip(calibration.images, calibration.questions):
-        batch = processor([image], [question])
-        visual = model.encode_images(batch.pixel_values)  # [1, N, D]
-        embeds = model.embed_prompt(batch.input_ids)  # [1, L, D]
-        prompts.append(prune_prompt(embeds, batch.input_ids, batch.attention_mask, visual, model.image_token_id,
-                                    strategy, budget, position_policy))
-    return prompts
+    return [pruned_prompt(model, processor([image], [question]), strategy, budget, position_policy)
+            for image, question in zip(calibration.images, calibration.questions)]
 
 
 def apply_awq_scales(language_model: nn.Module, prompts: list[PrunedPrompt], block: int) -> None:
